@@ -1,0 +1,336 @@
+"""Gemma 1, 2 and 3 (text) in one hand-written decoder.
+
+The three families differ only by a handful of switches (soft-caps, sliding windows, q/k-norm,
+sandwich norms, rope bases). `GemmaConfig` turns a checkpoint's `config.json` into those switches,
+and one code path reads them: there is no `if family == ...` in the forward pass.
+
+References for every numerical detail: HF transformers `models/gemma{,2,3}/modeling_*.py` and
+google-deepmind/gemma_pytorch `gemma/model.py`.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanogsm import weights
+
+# What each supported `model_type` switches on. Everything else is read from config.json.
+FAMILIES = {
+    "gemma": dict(qk_norm=False, sandwich_norm=False),  # Gemma 1
+    "gemma2": dict(qk_norm=False, sandwich_norm=True),
+    "gemma3_text": dict(qk_norm=True, sandwich_norm=True),
+}
+# Gemma 1's legacy "gelu" means the tanh approximation (HF GemmaConfig maps it the same way).
+TANH_GELU = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_tanh"}
+
+
+@dataclass
+class GemmaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int  # independent of hidden_size / num_heads in Gemma
+    layer_types: list  # per layer: "full_attention" or "sliding_attention"
+    rope_theta: dict  # layer type -> rope base (Gemma 3: 1M global, 10k local)
+    rope_scale: float = 1.0  # linear rope scaling on full-attention layers (Gemma 3 >= 4B)
+    sliding_window: int | None = None
+    query_pre_attn_scalar: float | None = None  # attention scale is this ** -0.5
+    attn_softcap: float | None = None  # Gemma 2: 50
+    final_softcap: float | None = None  # Gemma 2: 30
+    qk_norm: bool = False  # Gemma 3: RMSNorm on q and k before rope
+    sandwich_norm: bool = False  # Gemma 2/3: norms after attention/MLP and before MLP
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, saved back as is
+
+    @classmethod
+    def from_hf(cls, cfg: dict, source="config.json"):
+        """Map an HF `config.json` dict (old or new transformers format) to a GemmaConfig."""
+        model_type = cfg.get("model_type")
+        if model_type not in FAMILIES:
+            raise ValueError(
+                f"{source}: model_type {model_type!r} is not supported; nanogsm reads "
+                f"{sorted(FAMILIES)} (Gemma 1, Gemma 2, Gemma 3 text-only checkpoints)")
+        try:
+            n_layers = cfg["num_hidden_layers"]
+            act = cfg.get("hidden_activation") or cfg.get("hidden_act", "gelu_pytorch_tanh")
+            if act not in TANH_GELU:
+                raise ValueError(f"{source}: hidden activation {act!r}; Gemma uses tanh GELU")
+            # Layer types: new configs list them; old ones imply them (Gemma 2: even layers slide,
+            # Gemma 3: every 6th layer is global).
+            layer_types = cfg.get("layer_types")
+            if layer_types is None and model_type == "gemma2":
+                layer_types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+            if layer_types is None and model_type == "gemma3_text":
+                every = cfg.get("sliding_window_pattern", 6)
+                layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n_layers)]
+            layer_types = layer_types or ["full_attention"] * n_layers
+            rope_theta, rope_scale = _rope_params(cfg, model_type)
+            return cls(
+                vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                intermediate_size=cfg["intermediate_size"], num_layers=n_layers,
+                num_heads=cfg["num_attention_heads"], num_kv_heads=cfg["num_key_value_heads"],
+                head_dim=cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"],
+                layer_types=list(layer_types), rope_theta=rope_theta, rope_scale=rope_scale,
+                sliding_window=cfg.get("sliding_window"),
+                query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
+                attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"),
+                attention_bias=cfg.get("attention_bias", False), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+                hf_config=cfg, **FAMILIES[model_type])
+        except KeyError as e:
+            raise ValueError(f"{source}: missing field {e.args[0]!r} for a {model_type} config") from None
+
+    @classmethod
+    def from_json(cls, path):
+        path = Path(path)
+        try:
+            cfg = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read a JSON config ({e})") from None
+        return cls.from_hf(cfg, source=str(path))
+
+
+def _rope_params(cfg, model_type):
+    """Rope base per layer type and the linear scale of global layers, from either config format."""
+    params = cfg.get("rope_parameters")  # transformers >= 5
+    if params is None:  # older configs: flat fields
+        params = {"rope_theta": cfg.get("rope_theta", 10_000.0), **(cfg.get("rope_scaling") or {})}
+        if model_type == "gemma3_text":
+            params = {"full_attention": params,
+                      "sliding_attention": {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}}
+    if "full_attention" not in params:  # Gemma 1/2: one rope for every layer
+        params = {"full_attention": params, "sliding_attention": params}
+    for kind, p in params.items():
+        rope_type = p.get("rope_type", p.get("type", "default"))
+        if rope_type not in ("default", "linear") or (kind == "sliding_attention" and rope_type != "default"):
+            raise ValueError(f"config.json: rope type {rope_type!r} on {kind} layers is not supported")
+    full = params["full_attention"]
+    scale = full.get("factor", 1.0) if full.get("rope_type", full.get("type")) == "linear" else 1.0
+    return {k: float(p["rope_theta"]) for k, p in params.items()}, float(scale)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w), computed in float32.
+
+    Gemma stores w as an offset from 1 (zeros at init) and normalises in float32 before casting back,
+    unlike Llama's x.to(dtype) * w (HF transformers#29402).
+    """
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * (1.0 + self.weight.float())).type_as(x)
+
+
+def rope_cos_sin(positions, head_dim, theta, scale=1.0):
+    """cos, sin for rotate-half rope at integer `positions` (B, T) -> each (B, 1, T, head_dim), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)) / scale
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+hd/2}) as in HF's rotate_half; cos/sin cast to x's dtype like HF."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.softcap = cfg.attn_softcap
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): every key so far
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        else:
+            y = self.softcapped_attention(q, k, v, mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+    def softcapped_attention(self, q, k, v, mask):
+        """Gemma 2: scores -> cap * tanh(scores / cap) before the mask; no fused kernel allows it.
+        Query heads are grouped per kv head with a view, so K/V are never repeated in memory."""
+        B, _, T, hd = q.shape
+        g = self.n_heads // self.n_kv
+        q = q.view(B, self.n_kv, g, T, hd)  # (B, nkv, g, T, hd)
+        scores = (q @ k.unsqueeze(2).transpose(-1, -2)) * self.scale  # (B, nkv, g, T, S)
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.float().softmax(-1).to(q.dtype)  # softmax in fp32
+        y = probs @ v.unsqueeze(2)  # (B, nkv, g, T, hd)
+        return y.reshape(B, self.n_heads, T, hd)
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """x + post_norm(attn(norm(x))), then h + post_norm(mlp(norm(h))); the post norms are identities
+    in Gemma 1, which has no sandwich norms."""
+
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)  # noqa: E731
+        post_norm = lambda: norm() if cfg.sandwich_norm else nn.Identity()  # noqa: E731
+        self.input_layernorm, self.post_attention_layernorm = norm(), post_norm()
+        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), post_norm()
+        self.self_attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class KVCache:
+    """Preallocated keys/values for every layer, (L, B, n_kv, max_len, hd), filled left to right.
+
+    `valid` marks which slots hold real tokens (left padding is False), so positions and masks
+    follow from it. It lives here because `Gemma.forward` reads it; `generate.py` drives it.
+    """
+
+    def __init__(self, cfg: GemmaConfig, batch_size, max_len, device, dtype):
+        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.length = 0  # slots filled so far
+
+    def update(self, layer, k, v):
+        """Write k, v (B, nkv, T, hd) at the next T slots; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, S, hd)
+
+
+class Gemma(nn.Module):
+    def __init__(self, cfg: GemmaConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, pad_mask=None, cache=None):
+        """input_ids (B, T) -> logits (B, T, vocab).
+
+        pad_mask (B, T), optional: False on padding tokens, which no query attends to.
+        cache: a KVCache; the new tokens take its next T slots and attend to all earlier ones.
+        Positions count the real tokens before each one, so left-padded rows start at 0.
+        """
+        B, T = input_ids.shape
+        cfg, device = self.config, input_ids.device
+        new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            cache.valid[:, start:start + T] = new_valid
+            key_valid = cache.valid[:, :start + T]  # (B, S)
+        else:
+            key_valid = new_valid
+        positions = (key_valid.cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
+        q_slot = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+        k_slot = torch.arange(start + T, device=device)[None, :]  # (1, S)
+        causal = (k_slot <= q_slot) & key_valid[:, None, None, :]  # (B, 1, T, S)
+        masks = {"full_attention": causal}
+        if cfg.sliding_window is not None:
+            masks["sliding_attention"] = causal & (k_slot > q_slot - cfg.sliding_window)
+        # A padding query sees no valid key; let it see itself so softmax stays finite (output unused).
+        masks = {t: m | (k_slot == q_slot) for t, m in masks.items()}
+        rope = {t: rope_cos_sin(positions, cfg.head_dim, theta, cfg.rope_scale if t == "full_attention" else 1.0)
+                for t, theta in cfg.rope_theta.items()}
+
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        # sqrt(d) is rounded to the activation dtype before multiplying, as in the reference.
+        x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        for i, (block, kind) in enumerate(zip(self.layers, cfg.layer_types)):
+            x = block(x, *rope[kind], masks[kind], cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        logits = x @ self.embed_tokens.weight.T  # tied LM head: (B, T, vocab)
+        if cfg.final_softcap is not None:
+            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        return logits
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
+        """Load a local folder, a .gguf file, `gemma-3-270m` (offline) or a Hub repo id."""
+        folder = weights.resolve(name_or_path)
+        cfg = GemmaConfig.from_json(folder / "config.json")
+        with torch.device("meta"):  # no random init: the weights are assigned straight from the file
+            model = cls(cfg)
+        expected = {name: p.shape for name, p in model.state_dict().items()}
+        state = weights.load_safetensors(folder, expected, hf_to_ours(cfg), dtype=dtype, device=device)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, out_dir):
+        """Write config.json + model.safetensors (HF names), atomically via a temp folder."""
+        cfg = self.config
+        state = {ours_to_hf(cfg, k): v for k, v in self.state_dict().items()}
+        hf_config = dict(cfg.hf_config, torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."))
+        hf_config.pop("dtype", None)
+        weights.save_folder(out_dir, state, {"config.json": json.dumps(hf_config, indent=2)})
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+
+def hf_to_ours(cfg: GemmaConfig):
+    """Key renaming HF -> nanogsm. Gemma 1's `post_attention_layernorm` is really the pre-MLP norm."""
+    def rename(key):
+        key = key.removeprefix("model.")
+        if not cfg.sandwich_norm:
+            key = key.replace("post_attention_layernorm", "pre_feedforward_layernorm")
+        return key
+    return rename
+
+
+def ours_to_hf(cfg: GemmaConfig, key):
+    if not cfg.sandwich_norm:
+        key = key.replace("pre_feedforward_layernorm", "post_attention_layernorm")
+    return "model." + key
