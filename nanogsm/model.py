@@ -244,6 +244,10 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, S, hd)
 
+    def keep(self, rows):
+        """Keep only these batch rows (a LongTensor of indices), e.g. when others finished."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+
 
 class Gemma(nn.Module):
     def __init__(self, cfg: GemmaConfig):
@@ -253,11 +257,13 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, pad_mask=None, cache=None):
+    def forward(self, input_ids, pad_mask=None, cache=None, last_only=False):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         pad_mask (B, T), optional: False on padding tokens, which no query attends to.
         cache: a KVCache; the new tokens take its next T slots and attend to all earlier ones.
+        last_only: logits of the last position only, (B, 1, vocab): a prefill needs no more, and
+        full logits over Gemma's 256k vocabulary are the largest tensor of the whole forward.
         Positions count the real tokens before each one, so left-padded rows start at 0.
         """
         B, T = input_ids.shape
@@ -288,7 +294,7 @@ class Gemma(nn.Module):
             x = block(x, *rope[kind], masks[kind], cache, i)
         if cache is not None:
             cache.length += T
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         logits = x @ self.embed_tokens.weight.T  # tied LM head: (B, T, vocab)
         if cfg.final_softcap is not None:
             logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap

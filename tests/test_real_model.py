@@ -23,6 +23,12 @@ def hf_tokenizer(gguf_path):
     return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
 
 
+@pytest.fixture(scope="module")
+def hf_model(gguf_path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+
+
 def gsm8k(data_dir, split):
     return [json.loads(line) for line in (data_dir / f"{split}.jsonl").read_text().splitlines()]
 
@@ -47,9 +53,8 @@ def test_stop_ids_and_chat_template():
     assert tok.decode(ids, skip_special=False).endswith("<end_of_turn>\n<start_of_turn>model\n")
 
 
-def test_logits_equal_hf_on_gsm8k_prompts(data_dir, gguf_path, hf_tokenizer):
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+def test_logits_equal_hf_on_gsm8k_prompts(data_dir, hf_model):
+    hf = hf_model
     model = Gemma.from_pretrained(MODEL)
     tok = Tokenizer.from_pretrained(MODEL)
     worst = 0.0
@@ -61,3 +66,15 @@ def test_logits_equal_hf_on_gsm8k_prompts(data_dir, gguf_path, hf_tokenizer):
         worst = max(worst, (ours - ref).abs().max().item())
     print(f"max |logit difference| vs HF on the real 270M: {worst:.3g}")
     assert worst < 1e-3
+
+
+def test_greedy_generation_equals_hf_generate(data_dir, hf_model):
+    from nanogsm.generate import generate
+    hf = hf_model
+    model, tok = Gemma.from_pretrained(MODEL), Tokenizer.from_pretrained(MODEL)
+    prompts = [tok.encode(f"Question: {r['question']}\nAnswer:") for r in gsm8k(data_dir, "test")[:2]]
+    ours = generate(model, prompts, max_new_tokens=24)  # one batch of two lengths
+    for prompt, row in zip(prompts, ours):
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert row == ref

@@ -1,0 +1,172 @@
+"""Evaluate a Gemma model on GSM8K with batched KV-cache generation.
+
+    python evaluate.py --model gemma-3-270m --n 32                    # quick offline check
+    python evaluate.py --model gemma-3-270m --prompt all              # the study's ICL grid, 256 subset
+    python evaluate.py --model ckpt/sft-main --full --out runs/sft.jsonl
+    python evaluate.py --model google/gemma-2b-it --samples 8 --temperature 0.7   # maj@8 and pass@8
+    python evaluate.py --compare runs/base.jsonl runs/sft.jsonl       # paired error analysis
+
+Strict exact match (the number after '####' equals the gold number) is the score; the flexible
+score (last number in the text) is printed next to it, never mixed in.
+"""
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from nanogsm.generate import generate
+from nanogsm.gsm8k import (STOP_STRINGS, STRATEGIES, SUBSET_SEED, SUBSET_SIZE, build_prompt, eval_subset,
+                           extract_answer, extract_last_number, load_gsm8k, same_number)
+from nanogsm.model import Gemma
+from nanogsm.report import mcnemar_exact, progress, read_jsonl, wilson_interval, write_jsonl
+from nanogsm.tokenizer import Tokenizer
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", help="model name, checkpoint folder, .gguf file or Hub id")
+parser.add_argument("--config", default="main", help="GSM8K config: main | socratic")
+parser.add_argument("--prompt", default="one-shot-instruct", help=f"one of {', '.join(STRATEGIES)}, or all")
+parser.add_argument("--n", type=int, default=SUBSET_SIZE, help=f"seeded test subset size (seed {SUBSET_SEED})")
+parser.add_argument("--full", action="store_true", help="all 1,319 test problems instead of --n")
+parser.add_argument("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
+parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per answer")
+parser.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
+                    help="wrap prompts in the chat template (auto: on when the model name contains '-it')")
+parser.add_argument("--samples", type=int, default=1, help="k samples per problem: reports maj@k and pass@k")
+parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (needs --samples 1)")
+parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+parser.add_argument("--calculator", action="store_true", help="compute <<expr= annotations and force the result")
+parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--out", help="JSONL file, one row per problem (with --prompt all: one file per strategy)")
+parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two --out files")
+
+
+def evaluate(model, tok, records, strategy, args, chat):
+    """Generate for every record and score; returns one row per problem."""
+    prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok)) for r in records]
+    k = args.samples
+    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
+    per_batch = max(1, args.batch_size // k)
+    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    completions = {}
+    for b, batch in enumerate(progress(batches, desc=strategy)):
+        outs = generate(model, [prompts[i] for i in batch for _ in range(k)], args.max_new_tokens,
+                        temperature=args.temperature, stop_ids=tok.stop_ids, stop_strings=STOP_STRINGS,
+                        tokenizer=tok, seed=args.seed + b, calculator=args.calculator)
+        for j, i in enumerate(batch):
+            completions[i] = outs[j * k:(j + 1) * k]
+    return [score(records[i], [finish(t, tok, args.max_new_tokens) for t in completions[i]]) for i in range(len(records))]
+
+
+def finish(tokens, tok, max_new_tokens):
+    """(text cut at the first stop string, whether generation hit the token budget without stopping)."""
+    text = tok.decode(tokens)
+    cut = min([text.index(s) for s in STOP_STRINGS if s in text], default=None)
+    stopped = cut is not None or (tokens and tokens[-1] in tok.stop_ids)
+    return (text if cut is None else text[:cut]), (not stopped and len(tokens) >= max_new_tokens)
+
+
+def score(record, samples):
+    texts = [t for t, _ in samples]
+    answers = [extract_answer(t) for t in texts]
+    correct = [same_number(a, record["gold"]) for a in answers]
+    votes = Counter(a for a in answers if a is not None).most_common(1)
+    majority = votes[0][0] if votes else None
+    text, truncated = samples[0]
+    if correct[0]:
+        kind = "correct"
+    elif truncated:
+        kind = "truncated at max tokens"
+    elif "####" not in text:
+        kind = "no ####"
+    elif answers[0] is None:
+        kind = "unparsable after ####"
+    else:
+        kind = "wrong number"
+    row = {"id": record["id"], "question": record["question"], "gold": record["gold"], "completion": text,
+           "extracted": answers[0], "correct": correct[0], "flexible_correct": same_number(extract_last_number(text),
+                                                                                          record["gold"]),
+           "kind": kind}
+    if len(samples) > 1:
+        row.update(completions=texts, extracted_all=answers, maj_correct=same_number(majority, record["gold"]),
+                   pass_correct=any(correct), sample_accuracy=sum(correct) / len(correct))
+    return row
+
+
+def summarize(rows, strategy, k):
+    n = len(rows)
+    em = sum(r["correct"] for r in rows)
+    lo, hi = wilson_interval(em, n)
+    flex = sum(r["flexible_correct"] for r in rows)
+    fmt = sum(r["extracted"] is not None for r in rows)
+    print(f"\n{strategy}: strict EM {em}/{n} = {100 * em / n:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) | "
+          f"flexible {100 * flex / n:.1f}% | '####' format {100 * fmt / n:.1f}%")
+    kinds = Counter(r["kind"] for r in rows)
+    print("  failures: " + ", ".join(f"{kind} {kinds[kind]}" for kind in
+                                     ["no ####", "unparsable after ####", "truncated at max tokens", "wrong number"]))
+    summary = {"strategy": strategy, "n": n, "em": em / n, "ci": (lo, hi), "flexible": flex / n, "format": fmt / n}
+    if k > 1:
+        maj, pas = sum(r["maj_correct"] for r in rows), sum(r["pass_correct"] for r in rows)
+        mean = sum(r["sample_accuracy"] for r in rows) / n
+        print(f"  maj@{k} {100 * maj / n:.1f}% | pass@{k} {100 * pas / n:.1f}% | mean single sample {100 * mean:.1f}%")
+    return summary
+
+
+def compare(path_a, path_b):
+    a = {r["id"]: r["correct"] for r in read_jsonl(path_a)}
+    b = {r["id"]: r["correct"] for r in read_jsonl(path_b)}
+    shared = sorted(a.keys() & b.keys())
+    if not shared:
+        raise ValueError(f"{path_a} and {path_b} share no problem ids")
+    cells = {"both right": (True, True), "only A": (True, False), "only B": (False, True), "both wrong": (False, False)}
+    groups = {name: [i for i in shared if (a[i], b[i]) == cell] for name, cell in cells.items()}
+    print(f"A = {path_a}\nB = {path_b}\n{len(shared)} shared problems: "
+          f"A {100 * sum(a[i] for i in shared) / len(shared):.1f}%, B {100 * sum(b[i] for i in shared) / len(shared):.1f}%")
+    print("| outcome | problems | example ids |\n|---|---|---|")
+    for name, ids in groups.items():
+        print(f"| {name} | {len(ids)} | {', '.join(map(str, ids[:6]))} |")
+    print(f"McNemar exact p = {mcnemar_exact(len(groups['only A']), len(groups['only B'])):.4f}")
+
+
+def main(args):
+    if args.compare:
+        return compare(*args.compare)
+    if not args.model:
+        raise ValueError("--model is required (or --compare A B)")
+    if args.prompt != "all" and args.prompt not in STRATEGIES:
+        raise ValueError(f"--prompt {args.prompt!r}: expected one of {', '.join(STRATEGIES)}, or all")
+    if args.samples < 1 or (args.samples > 1 and args.temperature == 0.0):
+        raise ValueError("--samples k > 1 needs --temperature > 0 (greedy samples are all the same)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    print(f"device {device} | dtype {dtype} | threads {torch.get_num_threads()}")
+    records = eval_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
+    print(f"GSM8K {args.config}/test: {len(records)} problems" +
+          ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
+    tok = Tokenizer.from_pretrained(args.model)
+    model = Gemma.from_pretrained(args.model, dtype=dtype, device=device)
+    chat = args.chat == "on" or (args.chat == "auto" and "-it" in str(args.model))
+    strategies = STRATEGIES if args.prompt == "all" else [args.prompt]
+    summaries = []
+    for strategy in strategies:
+        rows = evaluate(model, tok, records, strategy, args, chat)
+        summaries.append(summarize(rows, strategy, args.samples))
+        if args.out:
+            out = Path(args.out)
+            out = out.with_name(f"{out.stem}.{strategy}{out.suffix}") if len(strategies) > 1 else out
+            write_jsonl(out, rows)
+            print(f"  wrote {out}")
+    if len(strategies) > 1:
+        print("\n| prompt | strict EM % (95% CI) | flexible % | '####' format % |\n|---|---|---|---|")
+        for s in summaries:
+            print(f"| {s['strategy']} | {100 * s['em']:.1f} ({100 * s['ci'][0]:.1f}-{100 * s['ci'][1]:.1f}) | "
+                  f"{100 * s['flexible']:.1f} | {100 * s['format']:.1f} |")
+
+
+if __name__ == "__main__":
+    try:
+        main(parser.parse_args())
+    except ValueError as e:  # user errors: one line, no traceback
+        sys.exit(f"error: {e}")

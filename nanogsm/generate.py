@@ -1,0 +1,100 @@
+"""Batched sampling with a preallocated KV cache: one prefill, then one-token decode steps.
+
+Prompts of different lengths are left-padded; `Gemma.forward` derives each row's positions and
+masks from the cache's `valid` slots, so a padded row computes exactly what it would alone.
+Finished rows are dropped from the batch (and from the cache) once enough of them are done.
+"""
+import torch
+
+from nanogsm.model import KVCache
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+    """Next token from logits (B, V): greedy at temperature 0, else softmax(logits / T) restricted to
+    the top_k tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(), seed=None,
+             return_logprobs=False, stop_strings=(), tokenizer=None, calculator=False):
+    """Continue each prompt (a list of token ids) by up to max_new_tokens.
+
+    A row stops after emitting a token in stop_ids (kept in its output), or once its decoded text
+    contains one of stop_strings (needs `tokenizer`). Returns the new tokens of each row and, with
+    return_logprobs, their log-probs under the model (log_softmax of the raw logits: temperature 1,
+    no top-k/top-p), as the PPO trainer recomputes them.
+    calculator: when a row writes a GSM8K annotation `<<expr=`, the result of expr (see
+    `nanogsm.gsm8k.calculate`) is forced as its next tokens, as in the GSM8K paper.
+    """
+    if (stop_strings or calculator) and tokenizer is None:
+        raise ValueError("generate: stop_strings and calculator need a tokenizer")
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    B, P = len(prompts), max(len(p) for p in prompts)
+    x = torch.zeros(B, P, dtype=torch.long)
+    pad_mask = torch.zeros(B, P, dtype=torch.bool)
+    for i, p in enumerate(prompts):  # left padding: every row's last prompt token is at column P-1
+        x[i, P - len(p):] = torch.tensor(p)
+        pad_mask[i, P - len(p):] = True
+    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+
+    out_tokens, out_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
+    texts, forced = [""] * B, [[] for _ in range(B)]
+    rows = list(range(B))  # original index of each row still in the batch
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    logits = model(x.to(device), pad_mask=pad_mask.to(device), cache=cache, last_only=True)[:, -1].float()  # (B, V)
+    for step in range(max_new_tokens):
+        tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
+        for j, r in enumerate(rows):  # forced calculator tokens replace the sample
+            if forced[r]:
+                tokens[j] = forced[r].pop(0)
+        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
+        newly_done = torch.isin(tokens, stop_ids) & ~finished
+        for j, r in enumerate(rows):
+            if finished[j]:
+                continue
+            out_tokens[r].append(tokens[j].item())
+            if return_logprobs:
+                out_logprobs[r].append(logprobs[j].item())
+            if stop_strings or calculator:
+                texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
+                newly_done[j] |= any(s in texts[r] for s in stop_strings)
+                if calculator and not forced[r]:
+                    forced[r] = calculator_tokens(texts[r], tokenizer)
+        finished |= newly_done
+        if step == max_new_tokens - 1 or finished.all():
+            break
+        if finished.float().mean() >= 0.25:  # drop finished rows so they stop costing compute
+            keep = (~finished).nonzero().squeeze(-1)
+            rows, tokens, finished = [rows[j] for j in keep.tolist()], tokens[keep], finished[keep]
+            cache.keep(keep)
+        # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
+        logits = model(tokens[:, None], pad_mask=~finished[:, None], cache=cache)[:, -1].float()
+    return (out_tokens, out_logprobs) if return_logprobs else out_tokens
+
+
+def calculator_tokens(text, tokenizer):
+    """If text ends inside an annotation `<<expr=`, the tokens of expr's value, else []."""
+    from nanogsm.gsm8k import calculate
+    if not text.endswith("=") or "<<" not in text:
+        return []
+    expr = text[text.rindex("<<") + 2:-1]
+    if ">>" in expr:
+        return []
+    value = calculate(expr)
+    return [] if value is None else tokenizer.encode(value, bos=False)

@@ -1,0 +1,69 @@
+"""evaluate.py end to end: user errors, a tiny real run, and the paired comparison."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanogsm.gsm8k import eval_subset, load_gsm8k
+from nanogsm.report import mcnemar_exact, wilson_interval
+
+ROOT = Path(__file__).parents[1]
+
+
+def run(*args, data_dir=None):
+    env = dict(os.environ, **({"NANOGSM_DATA_DIR": str(data_dir)} if data_dir else {}))
+    return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "no-such-model", "--n", "2"], "error: model 'no-such-model': not a checkpoint folder"),
+    (["--model", "gemma-3-270m", "--n", "5000"], "error: --n 5000 is larger than the split (1319 problems)"),
+    (["--model", "gemma-3-270m", "--prompt", "two-shot"], "error: --prompt 'two-shot'"),
+    (["--model", "gemma-3-270m", "--data-dir", "/nonexistent"], "error: GSM8K data folder /nonexistent does not exist"),
+    (["--model", "gemma-3-270m", "--config", "mian"], "error: unknown GSM8K config 'mian'"),
+])
+def test_user_errors_are_one_line(args, message, data_dir):
+    result = run(*args, data_dir=data_dir)
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_checkpoint_without_tokenizer(hf_checkpoint, data_dir):
+    result = run("--model", str(hf_checkpoint("gemma")[1]), "--n", "2", data_dir=data_dir)
+    assert result.returncode != 0 and "no tokenizer.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_real_model_run_writes_rows_for_the_seeded_subset(tmp_path, data_dir):
+    out = tmp_path / "run.jsonl"
+    result = run("--model", "gemma-3-270m", "--n", "3", "--max-new-tokens", "6", "--out", str(out), data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "strict EM" in result.stdout and "flexible" in result.stdout and "failures:" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    subset = eval_subset(load_gsm8k("main", "test", data_dir), 3)
+    assert [r["id"] for r in rows] == [r["id"] for r in subset]
+    assert set(rows[0]) >= {"id", "question", "gold", "completion", "extracted", "correct"}
+    assert all(r["kind"] == "truncated at max tokens" or r["kind"] == "correct" or "####" in r["completion"]
+               for r in rows)
+
+
+def test_compare_counts_and_mcnemar(tmp_path):
+    a = [True, True, True, True, False, False]
+    b = [True, False, False, False, True, False]
+    for name, flags in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "correct": c}) + "\n"
+                                                        for i, c in enumerate(flags)))
+    result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    assert result.returncode == 0, result.stderr
+    assert "| both right | 1 | 0 |" in result.stdout and "| only A | 3 | 1, 2, 3 |" in result.stdout
+    assert "| only B | 1 | 4 |" in result.stdout and "| both wrong | 1 | 5 |" in result.stdout
+    assert "McNemar exact p = 0.6250" in result.stdout  # 2 * (C(4,0) + C(4,1)) / 2^4
+
+
+def test_statistics_by_hand():
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 0) == pytest.approx(2 / 32)
+    lo, hi = wilson_interval(8, 256)
+    assert lo == pytest.approx(0.01591, abs=1e-4) and hi == pytest.approx(0.06044, abs=1e-4)  # computed by hand

@@ -1,0 +1,84 @@
+"""The KV-cache engine against HF transformers' greedy generate and against full recomputes."""
+import pytest
+import torch
+
+from conftest import FAMILIES, WINDOW
+from nanogsm.generate import generate, sample
+from nanogsm.model import Gemma, KVCache
+
+PROMPTS = [[2, 17, 33, 9, 100, 41, 7], [2, 5, 6], [2, 200, 1 + 7, 90, 13]]
+
+
+def hf_greedy(hf, prompt, n):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_hf_generate_past_the_window(family, hf_checkpoint):
+    hf, folder = hf_checkpoint(family)
+    model = Gemma.from_pretrained(folder)
+    n = 3 * WINDOW  # runs well past the sliding window
+    ours = generate(model, PROMPTS, max_new_tokens=n)
+    for prompt, row in zip(PROMPTS, ours):
+        assert row == hf_greedy(hf, prompt, n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_lengths_batch_equals_each_alone(family, hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint(family)[1])
+    batch = generate(model, PROMPTS, max_new_tokens=12)
+    assert batch == [generate(model, [p], max_new_tokens=12)[0] for p in PROMPTS]
+
+
+def test_cached_decode_logits_equal_full_recompute(hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1])
+    seq = torch.tensor([PROMPTS[0] + [3] * 20])  # longer than the window
+    cache = KVCache(model.config, 1, seq.shape[1], "cpu", torch.float32)
+    with torch.no_grad():
+        model(seq[:, :7], cache=cache)
+        steps = [model(seq[:, t:t + 1], cache=cache)[0, -1] for t in range(7, seq.shape[1])]
+        full = model(seq)[0, 7:]
+    torch.testing.assert_close(torch.stack(steps), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logprobs_equal_full_forward(hf_checkpoint, temperature):
+    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1])
+    tokens, logprobs = generate(model, PROMPTS, max_new_tokens=10, temperature=temperature, seed=0,
+                                return_logprobs=True)
+    for prompt, new, lp in zip(PROMPTS, tokens, logprobs):
+        seq = torch.tensor([prompt + new])
+        with torch.no_grad():
+            ref = model(seq)[0, len(prompt) - 1:-1].log_softmax(-1).gather(-1, torch.tensor(new)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-4, rtol=0)
+
+
+def test_stop_ids_end_rows_and_are_kept(hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint("gemma")[1])
+    free = generate(model, PROMPTS, max_new_tokens=12)
+    stop = free[0][4]  # the fifth token of row 0 becomes a stop id
+    stopped = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[stop])
+    for row_free, row in zip(free, stopped):
+        cut = row_free.index(stop) + 1 if stop in row_free else len(row_free)
+        assert row == row_free[:cut]
+    assert len(stopped[0]) <= 5
+
+
+def test_seeded_sampling_is_reproducible(hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint("gemma")[1])
+    a = generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3)
+    assert a == generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=3)
+    assert a != generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=4)
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {sample(logits, 1.0, generator=g, **kw).item() for _ in range(300)}  # noqa: E731
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
+    assert draws(top_p=0.5) == {0}
+    assert draws() == {0, 1, 2, 3}
+    assert sample(logits).item() == 0
