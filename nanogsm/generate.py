@@ -54,7 +54,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
     out_tokens, out_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
-    texts, forced = [""] * B, [[] for _ in range(B)]
+    texts, forced = [""] * B, [[] for _ in range(B)]  # generated text per row, calculator tokens to force
+    tails = [tokenizer.decode(p[-16:], skip_special=False) if calculator else "" for p in prompts]  # '<<' may be in the prompt
     rows = list(range(B))  # original index of each row still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits = model(x.to(device), pad_mask=pad_mask.to(device), cache=cache, last_only=True)[:, -1].float()  # (B, V)
@@ -75,7 +76,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
                 texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
                 newly_done[j] |= any(s in texts[r] for s in stop_strings)
                 if calculator and not forced[r]:
-                    forced[r] = calculator_tokens(texts[r], tokenizer)
+                    forced[r] = calculator_tokens(tails[r] + texts[r], tokenizer)
         finished |= newly_done
         if step == max_new_tokens - 1 or finished.all():
             break

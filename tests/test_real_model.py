@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from nanogsm.gsm8k import build_prompt
 from nanogsm.model import Gemma
 from nanogsm.tokenizer import Tokenizer
 
@@ -78,3 +79,18 @@ def test_greedy_generation_equals_hf_generate(data_dir, hf_model):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert row == ref
+
+
+def test_calculator_forces_the_result_and_stop_strings_end_rows():
+    from nanogsm.generate import generate
+    model, tok = Gemma.from_pretrained(MODEL), Tokenizer.from_pretrained(MODEL)
+    prompt = tok.encode(build_prompt("A box holds 457 pens. How many pens are in 123 boxes?", "one-shot") +
+                        " There are 123*457 = <<123*457")
+    free = tok.decode(generate(model, [prompt], max_new_tokens=6)[0])
+    assert free.startswith("=") and not free.startswith("=56211")  # the 270M model gets it wrong alone
+    forced = generate(model, [prompt], max_new_tokens=6, tokenizer=tok, calculator=True)[0]
+    assert tok.decode(forced).startswith("=56211")
+    rows = generate(model, [prompt, prompt[:-3]], max_new_tokens=40, tokenizer=tok, stop_strings=["\n"])
+    for row in rows:
+        text = tok.decode(row)
+        assert "\n" in text and text.index("\n") >= len(text) - len(tok.decode(row[-1:]))  # stop on the token that writes it
