@@ -11,16 +11,13 @@ score (last number in the text) is printed next to it, never mixed in.
 """
 import argparse
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from nanogsm.generate import generate
-from nanogsm.gsm8k import (STOP_STRINGS, STRATEGIES, SUBSET_SEED, SUBSET_SIZE, build_prompt, eval_subset,
-                           extract_answer, extract_last_number, load_gsm8k, same_number)
+from nanogsm.gsm8k import STRATEGIES, SUBSET_SEED, SUBSET_SIZE, eval_subset, evaluate, load_gsm8k, summarize
 from nanogsm.model import Gemma
-from nanogsm.report import mcnemar_exact, progress, read_jsonl, wilson_interval, write_jsonl
+from nanogsm.report import mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,77 +38,6 @@ parser.add_argument("--calculator", action="store_true", help="compute <<expr= a
 parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
 parser.add_argument("--out", help="JSONL file, one row per problem (with --prompt all: one file per strategy)")
 parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two --out files")
-
-
-def evaluate(model, tok, records, strategy, args, chat):
-    """Generate for every record and score; returns one row per problem."""
-    prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok)) for r in records]
-    k = args.samples
-    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
-    per_batch = max(1, args.batch_size // k)
-    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
-    completions = {}
-    for b, batch in enumerate(progress(batches, desc=strategy)):
-        outs = generate(model, [prompts[i] for i in batch for _ in range(k)], args.max_new_tokens,
-                        temperature=args.temperature, stop_ids=tok.stop_ids, stop_strings=STOP_STRINGS,
-                        tokenizer=tok, seed=args.seed + b, calculator=args.calculator)
-        for j, i in enumerate(batch):
-            completions[i] = outs[j * k:(j + 1) * k]
-    return [score(records[i], [finish(t, tok, args.max_new_tokens) for t in completions[i]]) for i in range(len(records))]
-
-
-def finish(tokens, tok, max_new_tokens):
-    """(text cut at the first stop string, whether generation hit the token budget without stopping)."""
-    text = tok.decode(tokens)
-    cut = min([text.index(s) for s in STOP_STRINGS if s in text], default=None)
-    stopped = cut is not None or (tokens and tokens[-1] in tok.stop_ids)
-    return (text if cut is None else text[:cut]), (not stopped and len(tokens) >= max_new_tokens)
-
-
-def score(record, samples):
-    texts = [t for t, _ in samples]
-    answers = [extract_answer(t) for t in texts]
-    correct = [same_number(a, record["gold"]) for a in answers]
-    votes = Counter(a for a in answers if a is not None).most_common(1)
-    majority = votes[0][0] if votes else None
-    text, truncated = samples[0]
-    if correct[0]:
-        kind = "correct"
-    elif truncated:
-        kind = "truncated at max tokens"
-    elif "####" not in text:
-        kind = "no ####"
-    elif answers[0] is None:
-        kind = "unparsable after ####"
-    else:
-        kind = "wrong number"
-    row = {"id": record["id"], "question": record["question"], "gold": record["gold"], "completion": text,
-           "extracted": answers[0], "correct": correct[0], "flexible_correct": same_number(extract_last_number(text),
-                                                                                          record["gold"]),
-           "kind": kind}
-    if len(samples) > 1:
-        row.update(completions=texts, extracted_all=answers, maj_correct=same_number(majority, record["gold"]),
-                   pass_correct=any(correct), sample_accuracy=sum(correct) / len(correct))
-    return row
-
-
-def summarize(rows, strategy, k):
-    n = len(rows)
-    em = sum(r["correct"] for r in rows)
-    lo, hi = wilson_interval(em, n)
-    flex = sum(r["flexible_correct"] for r in rows)
-    fmt = sum(r["extracted"] is not None for r in rows)
-    print(f"\n{strategy}: strict EM {em}/{n} = {100 * em / n:.1f}% (95% CI {100 * lo:.1f}-{100 * hi:.1f}) | "
-          f"flexible {100 * flex / n:.1f}% | '####' format {100 * fmt / n:.1f}%")
-    kinds = Counter(r["kind"] for r in rows)
-    print("  failures: " + ", ".join(f"{kind} {kinds[kind]}" for kind in
-                                     ["no ####", "unparsable after ####", "truncated at max tokens", "wrong number"]))
-    summary = {"strategy": strategy, "n": n, "em": em / n, "ci": (lo, hi), "flexible": flex / n, "format": fmt / n}
-    if k > 1:
-        maj, pas = sum(r["maj_correct"] for r in rows), sum(r["pass_correct"] for r in rows)
-        mean = sum(r["sample_accuracy"] for r in rows) / n
-        print(f"  maj@{k} {100 * maj / n:.1f}% | pass@{k} {100 * pas / n:.1f}% | mean single sample {100 * mean:.1f}%")
-    return summary
 
 
 def compare(path_a, path_b):
@@ -151,7 +77,9 @@ def main(args):
     strategies = STRATEGIES if args.prompt == "all" else [args.prompt]
     summaries = []
     for strategy in strategies:
-        rows = evaluate(model, tok, records, strategy, args, chat)
+        rows = evaluate(model, tok, records, strategy, chat=chat, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
+                        seed=args.seed, calculator=args.calculator)
         summaries.append(summarize(rows, strategy, args.samples))
         if args.out:
             out = Path(args.out)

@@ -66,12 +66,14 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
                 tokens[j] = forced[r].pop(0)
         logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
         newly_done = torch.isin(tokens, stop_ids) & ~finished
+        token_list, was_finished = tokens.tolist(), finished.tolist()  # one device sync per step
+        logprob_list = logprobs.tolist() if return_logprobs else None
         for j, r in enumerate(rows):
-            if finished[j]:
+            if was_finished[j]:
                 continue
-            out_tokens[r].append(tokens[j].item())
+            out_tokens[r].append(token_list[j])
             if return_logprobs:
-                out_logprobs[r].append(logprobs[j].item())
+                out_logprobs[r].append(logprob_list[j])
             if stop_strings or calculator:
                 texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
                 newly_done[j] |= any(s in texts[r] for s in stop_strings)
