@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanogsm.gsm8k import STRATEGIES, SUBSET_SEED, SUBSET_SIZE, eval_subset, evaluate, load_gsm8k, summarize
+from nanogsm.gsm8k import STRATEGIES, SUBSET_SEED, SUBSET_SIZE, seeded_subset, evaluate, load_gsm8k, summarize
 from nanogsm.model import Gemma
 from nanogsm.report import mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
@@ -68,7 +68,7 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     print(f"device {device} | dtype {dtype} | threads {torch.get_num_threads()}")
-    records = eval_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
+    records = seeded_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
     print(f"GSM8K {args.config}/test: {len(records)} problems" +
           ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
     tok = Tokenizer.from_pretrained(args.model)

@@ -46,7 +46,7 @@ if not (folder / "model.safetensors").is_file():
         shapes = {ours_to_hf(cfg, k): v.shape for k, v in Gemma(cfg).state_dict().items()}
     state = {k: (torch.randn(s) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
     from nanogsm.weights import save_folder
-    save_folder(folder, state, {"config.json": json.dumps(GEMMA_2B, indent=2)})
+    save_folder(folder, {"model.safetensors": state}, {"config.json": json.dumps(GEMMA_2B, indent=2)})
     del state
 print("| params | bf16 weights | peak RSS of the loading process | load time |\n|---|---|---|---|")
 subprocess.run([sys.executable, "-m", "bench.load_memory", "--child", "--dir", str(folder)], check=True)

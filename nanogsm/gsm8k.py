@@ -87,7 +87,7 @@ def make_record(index, where, row):
     return {"id": index, "question": row["question"], "answer": row["answer"], "gold": gold}
 
 
-def eval_subset(records, n=SUBSET_SIZE, seed=SUBSET_SEED):
+def seeded_subset(records, n=SUBSET_SIZE, seed=SUBSET_SEED):
     """The seeded subset of n records (sorted by id); all records when n is None."""
     if n is None:
         return records

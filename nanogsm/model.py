@@ -8,14 +8,13 @@ References for every numerical detail: HF transformers `models/gemma{,2,3}/model
 google-deepmind/gemma_pytorch `gemma/model.py`.
 """
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanogsm import weights
 
@@ -256,6 +255,7 @@ class Gemma(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.grad_checkpointing = False  # recompute each block's activations in backward
 
     def forward(self, input_ids, pad_mask=None, cache=None, last_only=False):
         """input_ids (B, T) -> logits (B, T, vocab).
@@ -291,7 +291,10 @@ class Gemma(nn.Module):
         # sqrt(d) is rounded to the activation dtype before multiplying, as in the reference.
         x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
         for i, (block, kind) in enumerate(zip(self.layers, cfg.layer_types)):
-            x = block(x, *rope[kind], masks[kind], cache, i)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # non-reentrant: works with frozen params (LoRA)
+                x = torch.utils.checkpoint.checkpoint(block, x, *rope[kind], masks[kind], cache, i, use_reentrant=False)
+            else:
+                x = block(x, *rope[kind], masks[kind], cache, i)
         if cache is not None:
             cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)
@@ -314,13 +317,15 @@ class Gemma(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def save_pretrained(self, out_dir):
-        """Write config.json + model.safetensors (HF names), atomically via a temp folder."""
+    def save_pretrained(self, out_dir, text_files=None, tensor_files=None):
+        """Write config.json + model.safetensors (HF names), plus any extra files (tokenizer, run
+        args, optimizer state), atomically via a temp folder."""
         cfg = self.config
         state = {ours_to_hf(cfg, k): v for k, v in self.state_dict().items()}
         hf_config = dict(cfg.hf_config, torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."))
         hf_config.pop("dtype", None)
-        weights.save_folder(out_dir, state, {"config.json": json.dumps(hf_config, indent=2)})
+        weights.save_folder(out_dir, {"model.safetensors": state, **(tensor_files or {})},
+                            {"config.json": json.dumps(hf_config, indent=2), **(text_files or {})})
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -103,17 +103,17 @@ def load_safetensors(folder: Path, expected: dict, rename, dtype, device) -> dic
     return state
 
 
-def save_folder(out_dir, state: dict, files: dict):
-    """Write model.safetensors and text `files` (name -> content) into out_dir, atomically:
-    everything goes to a temp folder that is renamed into place at the end."""
+def save_folder(out_dir, tensor_files: dict, text_files: dict):
+    """Write safetensors files (name -> state dict) and text files (name -> content) into out_dir,
+    atomically: everything goes to a temp folder that is renamed into place at the end."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / "model.safetensors",
-              metadata={"format": "pt"})
-    for name, text in files.items():
+    for name, state in tensor_files.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / name, metadata={"format": "pt"})
+    for name, text in text_files.items():
         (tmp / name).write_text(text)
     old = out_dir.parent / f".{out_dir.name}.old{os.getpid()}"
     if out_dir.exists():
@@ -188,6 +188,7 @@ def gguf_to_folder(gguf_path: Path) -> Path:
         state[gguf_hf_name(t.name)] = w
     tok_config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
                   "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    save_folder(out, state, {"config.json": json.dumps(config, indent=2), "tokenizer.json": tokenizer_json,
-                             "tokenizer_config.json": json.dumps(tok_config, indent=2)})
+    save_folder(out, {"model.safetensors": state}, {"config.json": json.dumps(config, indent=2),
+                                                    "tokenizer.json": tokenizer_json,
+                                                    "tokenizer_config.json": json.dumps(tok_config, indent=2)})
     return out

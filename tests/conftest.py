@@ -61,3 +61,22 @@ def data_dir():
     if not (path / "test.jsonl").is_file():
         pytest.fail(f"GSM8K not found at {path}; set NANOGSM_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory):
+    """A tiny random Gemma 3 with the real 262k vocabulary and the offline model's tokenizer, so the
+    scripts run end to end in seconds."""
+    import shutil
+    import transformers
+    from nanogsm.weights import resolve
+    source = resolve("gemma-3-270m")
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(vocab_size=262144, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=16,
+                                           layer_types=["sliding_attention", "full_attention"])
+    folder = tmp_path_factory.mktemp("tiny-real-vocab")
+    transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, folder / name)
+    return folder

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanogsm.gsm8k import eval_subset, load_gsm8k
+from nanogsm.gsm8k import seeded_subset, load_gsm8k
 from nanogsm.report import mcnemar_exact, wilson_interval
 
 ROOT = Path(__file__).parents[1]
@@ -43,7 +43,7 @@ def test_real_model_run_writes_rows_for_the_seeded_subset(tmp_path, data_dir):
     assert result.returncode == 0, result.stderr
     assert "strict EM" in result.stdout and "flexible" in result.stdout and "failures:" in result.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    subset = eval_subset(load_gsm8k("main", "test", data_dir), 3)
+    subset = seeded_subset(load_gsm8k("main", "test", data_dir), 3)
     assert [r["id"] for r in rows] == [r["id"] for r in subset]
     assert set(rows[0]) >= {"id", "question", "gold", "completion", "extracted", "correct"}
     assert all(r["kind"] == "truncated at max tokens" or r["kind"] == "correct" or "####" in r["completion"]

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from nanogsm.gsm8k import (STRATEGIES, build_prompt, calculate, extract_answer, extract_last_number, is_correct,
-                           load_gsm8k, eval_subset)
+                           load_gsm8k, seeded_subset)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -46,11 +46,11 @@ def test_load_real_files(data_dir):
 
 def test_seeded_subset_is_stable(data_dir):
     test = load_gsm8k("main", "test", data_dir)
-    a, b = eval_subset(test), eval_subset(test)
+    a, b = seeded_subset(test), seeded_subset(test)
     assert len(a) == 256 and [r["id"] for r in a] == [r["id"] for r in b] == sorted({r["id"] for r in a})
-    assert eval_subset(test, None) is test
+    assert seeded_subset(test, None) is test
     with pytest.raises(ValueError, match="--n 2000 is larger than the split"):
-        eval_subset(test, 2000)
+        seeded_subset(test, 2000)
 
 
 @pytest.mark.parametrize("line, message", [

@@ -1,0 +1,148 @@
+"""SFT pieces (labels, loss normalisation, schedule, checkpointing) and train_sft.py end to end."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanogsm.model import Gemma
+from nanogsm.tokenizer import Tokenizer
+from nanogsm.train import IGNORE, collate, lr_at, n_target_tokens, sft_example, token_loss_sum
+
+ROOT = Path(__file__).parents[1]
+
+
+def random_examples(n, vocab=256, seed=0):
+    """(ids, labels) with a prompt of 3-6 tokens (label -100) and an answer of 2-12 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p, a = torch.randint(3, 7, (1,), generator=g).item(), torch.randint(2, 13, (1,), generator=g).item()
+        ids = torch.randint(0, vocab, (p + a,), generator=g).tolist()
+        out.append((ids, [IGNORE] * p + ids[p:]))
+    return out
+
+
+def test_label_masking_exact():
+    tok = Tokenizer.from_pretrained("gemma-3-270m")
+    ids, labels, truncated = sft_example(tok, "What is 1+1?", "1+1=<<1+1=2>>2\n#### 2", 512)
+    prompt = tok.encode("Question: What is 1+1?\nAnswer:")
+    target = tok.encode(" 1+1=<<1+1=2>>2\n#### 2", bos=False) + [tok.eos_id]
+    assert ids == prompt + target and labels == [IGNORE] * len(prompt) + target and not truncated
+    assert tok.decode(target) == " 1+1=<<1+1=2>>2\n#### 2" and ids[0] == tok.bos_id and labels[-1] == tok.eos_id
+    ids, labels, truncated = sft_example(tok, "What is 1+1?", "1+1=<<1+1=2>>2\n#### 2", len(prompt) + 2)
+    assert truncated and len(ids) == len(labels) == len(prompt) + 2
+    with pytest.raises(ValueError, match="--max-seq-length 5 is shorter than a prompt"):
+        sft_example(tok, "What is 1+1?", "#### 2", 5)
+
+
+def test_collate_pads_right_with_ignored_labels():
+    ids, labels = collate([([5, 6, 7], [IGNORE, 6, 7]), ([8], [IGNORE])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert labels.tolist() == [[IGNORE, 6, 7], [IGNORE, IGNORE, IGNORE]]
+    assert n_target_tokens(labels) == 2
+
+
+def test_lr_schedule():
+    at = lambda s: lr_at(s, 100, 10, 1e-5, 1e-6)  # noqa: E731
+    assert at(0) == pytest.approx(1e-6)  # first warmup step: max_lr / warmup
+    assert at(9) == pytest.approx(1e-5)  # end of warmup: the peak
+    assert at(10) == pytest.approx(1e-5)  # cosine starts at the peak
+    assert at(99) == pytest.approx(1e-6)  # last step: the floor
+    assert at(10 + 89 // 2) == pytest.approx(5.5e-6, rel=0.02)  # halfway down the cosine: the midpoint
+    assert all(at(s) >= at(s + 1) for s in range(9, 99))
+
+
+def test_effective_batch_loss_equals_single_big_batch(hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1])
+    examples = random_examples(6)
+    micro = [collate(examples[:2], 0), collate(examples[2:], 0)]
+    n = sum(n_target_tokens(lab) for _, lab in micro)
+    split = sum(token_loss_sum(model, ids, lab) / n for ids, lab in micro)
+    split.backward()
+    grads_split = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ids, lab = collate(examples, 0)
+    big = token_loss_sum(model, ids, lab) / n_target_tokens(lab)
+    big.backward()
+    torch.testing.assert_close(split, big, atol=1e-6, rtol=1e-6)
+    for a, p in zip(grads_split, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-6, rtol=1e-5)
+    mean_of_means = sum(token_loss_sum(model, i, lb) / n_target_tokens(lb) for i, lb in micro) / 2
+    assert abs(mean_of_means.item() - big.item()) > 1e-3  # the normalisation matters here
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1])
+    ids, lab = collate(random_examples(4), 0)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.grad_checkpointing = checkpointing
+        token_loss_sum(model, ids, lab).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_loss_falls_when_overfitting_eight_examples(hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint("gemma")[1])
+    ids, lab = collate(random_examples(8), 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = token_loss_sum(model, ids, lab) / n_target_tokens(lab)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+
+
+# ---- the script ----------------------------------------------------------------------------------
+
+def train(*args, data_dir):
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, "train_sft.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_resume_is_bit_exact(tiny_with_tokenizer, tmp_path, data_dir):
+    common = ["--model", tiny_with_tokenizer, "--max-examples", 16, "--batch-size", 2, "--grad-accum", 2,
+              "--max-seq-length", 256, "--lr", 1e-3, "--eval-n", 0]
+    straight = train(*common, "--out", tmp_path / "a", data_dir=data_dir)
+    assert straight.returncode == 0, straight.stderr
+    assert "16 examples (main/train)" in straight.stdout and "4 steps of 2 x 2" in straight.stdout
+    first = train(*common, "--out", tmp_path / "b", "--stop-after-steps", 2, data_dir=data_dir)
+    assert first.returncode == 0, first.stderr
+    second = train(*common, "--out", tmp_path / "b", "--resume", data_dir=data_dir)
+    assert second.returncode == 0, second.stderr
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["model.norm.weight"], load_file(tiny_with_tokenizer / "model.safetensors")["model.norm.weight"])
+    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
+    assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]] and len(logs[0]) == 4
+    assert set(logs[0][0]) == {"step", "loss", "lr", "grad_norm", "tok_per_s", "peak_mem_gb"}
+    # The checkpoint is a model folder every stage reads: nanogsm, with its tokenizer.
+    assert Gemma.from_pretrained(tmp_path / "a") and Tokenizer.from_pretrained(tmp_path / "a")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "mian"], "error: --data 'mian': expected main or socratic"),
+    (["--max-seq-length", 8], "error: --max-seq-length 8 is shorter than a prompt"),
+    (["--model", "no-such-model"], "error: model 'no-such-model': not a checkpoint folder"),
+])
+def test_bad_input(args, message, tiny_with_tokenizer, tmp_path, data_dir):
+    base = ["--model", tiny_with_tokenizer, "--max-examples", 4, "--out", tmp_path / "x"]
+    result = train(*base, *args, data_dir=data_dir)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_existing_out_is_refused(tiny_with_tokenizer, tmp_path, data_dir):
+    (tmp_path / "x").mkdir()
+    result = train("--model", tiny_with_tokenizer, "--max-examples", 4, "--out", tmp_path / "x", data_dir=data_dir)
+    assert result.returncode != 0 and "exists; pass --resume" in result.stderr
