@@ -67,3 +67,16 @@ def test_statistics_by_hand():
     assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(5, 0) == pytest.approx(2 / 32)
     lo, hi = wilson_interval(8, 256)
     assert lo == pytest.approx(0.01591, abs=1e-4) and hi == pytest.approx(0.06044, abs=1e-4)  # computed by hand
+
+
+def test_samples_report_majority_and_pass_at_k(tmp_path, data_dir):
+    out = tmp_path / "k.jsonl"
+    result = run("--model", "gemma-3-270m", "--n", "2", "--max-new-tokens", "4", "--samples", "3", "--temperature",
+                 "1.0", "--out", str(out), data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    assert "maj@3" in result.stdout and "pass@3" in result.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(len(r["completions"]) == 3 and len(r["extracted_all"]) == 3 for r in rows)
+    assert len({c for r in rows for c in r["completions"]}) > 2  # sampled, not three copies of greedy
+    greedy = run("--model", "gemma-3-270m", "--samples", "3", data_dir=data_dir)
+    assert greedy.returncode != 0 and "--samples k > 1 needs --temperature > 0" in greedy.stderr
