@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from nanogsm.gsm8k import STRATEGIES, SUBSET_SEED, SUBSET_SIZE, seeded_subset, evaluate, load_gsm8k, summarize
-from nanogsm.model import Gemma
+from nanogsm.lora import load_model
 from nanogsm.report import mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", help="model name, checkpoint folder, .gguf file or Hub id")
+parser.add_argument("--model", help="model name, checkpoint or LoRA adapter folder, .gguf file or Hub id")
 parser.add_argument("--config", default="main", help="GSM8K config: main | socratic")
 parser.add_argument("--prompt", default="one-shot-instruct", help=f"one of {', '.join(STRATEGIES)}, or all")
 parser.add_argument("--n", type=int, default=SUBSET_SIZE, help=f"seeded test subset size (seed {SUBSET_SEED})")
@@ -72,7 +72,7 @@ def main(args):
     print(f"GSM8K {args.config}/test: {len(records)} problems" +
           ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
     tok = Tokenizer.from_pretrained(args.model)
-    model = Gemma.from_pretrained(args.model, dtype=dtype, device=device)
+    model = load_model(args.model, dtype=dtype, device=device)
     chat = args.chat == "on" or (args.chat == "auto" and "-it" in str(args.model))
     strategies = STRATEGIES if args.prompt == "all" else [args.prompt]
     summaries = []

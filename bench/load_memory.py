@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-GEMMA_2B = {  # google/gemma-2b config.json
-    "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "vocab_size": 256000, "hidden_size": 2048,
-    "intermediate_size": 16384, "num_hidden_layers": 18, "num_attention_heads": 8, "num_key_value_heads": 1,
-    "head_dim": 256, "hidden_act": "gelu", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
-}
+from nanogsm.model import SHAPES
+
+GEMMA_2B = SHAPES["gemma-2b"]
+
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dir", default="/tmp/gemma-2b-random", help="where the random checkpoint is written")

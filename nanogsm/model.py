@@ -24,6 +24,15 @@ FAMILIES = {
     "gemma2": dict(qk_norm=False, sandwich_norm=True),
     "gemma3_text": dict(qk_norm=True, sandwich_norm=True),
 }
+# config.json of checkpoints whose shape benchmarks and tests use with random weights.
+SHAPES = {
+    "gemma-2b": {  # google/gemma-2b
+        "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "vocab_size": 256000, "hidden_size": 2048,
+        "intermediate_size": 16384, "num_hidden_layers": 18, "num_attention_heads": 8, "num_key_value_heads": 1,
+        "head_dim": 256, "hidden_act": "gelu", "max_position_embeddings": 8192, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0, "torch_dtype": "bfloat16",
+    },
+}
 # Gemma 1's legacy "gelu" means the tanh approximation (HF GemmaConfig maps it the same way).
 TANH_GELU = {"gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_tanh"}
 

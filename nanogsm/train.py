@@ -5,11 +5,15 @@ import math
 import random
 import resource
 import shutil
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+
+from nanogsm import weights
+from nanogsm.gsm8k import evaluate, load_gsm8k, seeded_subset
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -19,6 +23,56 @@ def pick_device():
     print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else
                                 f" ({torch.get_num_threads()} threads)"))
     return device
+
+
+def sft_arguments(parser):
+    """The flags train_sft.py and train_lora.py share (the study's SFT defaults)."""
+    add = parser.add_argument
+    add("--data", default="main", help="GSM8K config to train on: main | socratic")
+    add("--model", default="google/gemma-2b-it", help="model to start from (name, folder, Hub id)")
+    add("--out", help="checkpoint folder (default ckpt/<method>-<data>)")
+    add("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
+    add("--max-examples", type=int, help="train on a seeded subset of N examples only (CPU runs)")
+    add("--epochs", type=int, default=1, help="passes over the training set")
+    add("--batch-size", type=int, default=8, help="micro-batch size (sequences per forward)")
+    add("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
+    add("--max-seq-length", type=int, default=512, help="longer examples are truncated (counted)")
+    add("--lr", type=float, default=1e-5, help="peak learning rate")
+    add("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine")
+    add("--warmup-frac", type=float, default=0.03, help="fraction of steps of linear warmup")
+    add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    add("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    add("--grad-checkpointing", action="store_true", help="recompute activations in backward (non-reentrant)")
+    add("--seed", type=int, default=0, help="data order and init seed")
+    add("--eval-every", type=int, default=0, help="every N steps: EM on --eval-n test problems")
+    add("--eval-n", type=int, default=64, help="test problems (seeded subset) for --eval-every / the end; 0: none")
+    add("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    add("--stop-after-steps", type=int, default=0, help="stop and save after N steps, as if interrupted")
+    add("--resume", action="store_true", help="continue the run in --out")
+    add("--overwrite", action="store_true", help="replace an existing --out")
+    add("--wandb", action="store_true", help="also log to Weights & Biases (if installed)")
+    return parser
+
+
+def start_run(args, method):
+    """Checks, out folder, device, autocast and seeds: everything before data. Returns
+    (out folder, device, autocast context, wandb or None)."""
+    if args.data not in ("main", "socratic"):
+        raise ValueError(f"--data {args.data!r}: expected main or socratic")
+    args.out = args.out or f"ckpt/{method}-{args.data}"
+    out = prepare_out_dir(args.out, args.resume, args.overwrite)
+    device = pick_device()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    print(f"fp32 master weights; compute {'bf16 autocast' if device == 'cuda' else 'fp32'}")
+    seed_everything(args.seed)
+    wandb = None
+    if args.wandb:
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb: the wandb package is not installed (pip install wandb)") from None
+        wandb.init(project="nanogsm", name=str(out), config=vars(args))
+    return out, device, autocast, wandb
 
 
 def seed_everything(seed):
@@ -53,6 +107,66 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, group=64):
         batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def sft_data(tok, args):
+    """Tokenized examples and the micro-batches of the whole run, in order (index lists), plus
+    the number of optimizer steps. Prints the truncation count and the padding fraction."""
+    records = load_gsm8k(args.data, "train", args.data_dir)
+    if args.max_examples:
+        records = seeded_subset(records, min(args.max_examples, len(records)), args.seed)
+    examples = [sft_example(tok, r["question"], r["answer"], args.max_seq_length) for r in records]
+    n_truncated = sum(t for _, _, t in examples)
+    examples = [(ids, labels) for ids, labels, _ in examples]
+    lengths = [len(ids) for ids, _ in examples]
+    epoch_batches = [length_grouped_batches(lengths, args.batch_size, args.seed, e) for e in range(args.epochs)]
+    steps_per_epoch = len(epoch_batches[0]) // args.grad_accum
+    micro_batches = [b for batches in epoch_batches for b in batches[:steps_per_epoch * args.grad_accum]]
+    total_steps = steps_per_epoch * args.epochs
+    if total_steps == 0:
+        raise ValueError(f"{len(examples)} examples make no step of {args.batch_size} x {args.grad_accum}")
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in micro_batches)
+    real = sum(lengths[i] for b in micro_batches for i in b)
+    print(f"{len(examples)} examples ({args.data}/train), {n_truncated} truncated at {args.max_seq_length} tokens; "
+          f"{total_steps} steps of {args.batch_size} x {args.grad_accum}; padding {100 * (1 - real / padded):.1f}% "
+          "of batch tokens")
+    return examples, micro_batches, total_steps
+
+
+def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
+    """One optimizer step over micro-batches [(input_ids, labels)]; returns the logged numbers.
+
+    The loss is normalised by the answer tokens of the whole effective batch, not per micro-batch:
+    a mean of per-micro-batch means would weight tokens in short micro-batches more than those in
+    long ones, and would change with the micro-batch split.
+    """
+    t0 = time.perf_counter()
+    n_tokens = sum(n_target_tokens(labels) for _, labels in batches)
+    loss_sum = 0.0
+    for input_ids, labels in batches:
+        with autocast:
+            loss = token_loss_sum(model, input_ids.to(device), labels.to(device)) / n_tokens
+        loss.backward()
+        loss_sum += loss.item()
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"loss is {loss_sum}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seen = sum(int((ids != pad_id).sum()) for ids, _ in batches)
+    return {"loss": loss_sum, "grad_norm": grad_norm, "tok_per_s": round(seen / (time.perf_counter() - t0))}
+
+
+def eval_em(model, tok, n, data_dir=None, autocast=None):
+    """Greedy EM on the seeded test subset with the zero-shot prompt (the format SFT trains)."""
+    model.eval()
+    records = seeded_subset(load_gsm8k("main", "test", data_dir), n)
+    with autocast or torch.autocast("cpu", enabled=False):
+        rows = evaluate(model, tok, records, "zero-shot", batch_size=16, max_new_tokens=256)
+    model.train()
+    return {"eval_em": sum(r["correct"] for r in rows) / len(rows),
+            "eval_format": sum(r["extracted"] is not None for r in rows) / len(rows), "eval_n": len(rows)}
 
 
 def collate(examples, pad_id):
@@ -122,10 +236,11 @@ def prepare_out_dir(out_dir, resume, overwrite):
     return out_dir
 
 
-def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metrics=None):
+def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metrics=None, adapter=None):
     """An HF-style folder: config.json, model.safetensors, the tokenizer files of the source
     checkpoint, args.json, metrics.json; plus optimizer.safetensors and trainer_state.json to
-    resume. Written to a temp folder and renamed, so a crash never leaves half a checkpoint."""
+    resume. With `adapter` (tensors, config): adapter.safetensors + adapter_config.json instead of
+    the full model. Written to a temp folder and renamed, so a crash never leaves half a checkpoint."""
     out_dir, source_folder = Path(out_dir), Path(source_folder)
     texts = {name: (source_folder / name).read_text() for name in TOKENIZER_FILES if (source_folder / name).is_file()}
     log = out_dir / "log.jsonl"
@@ -135,8 +250,13 @@ def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metric
     texts["args.json"] = json.dumps(vars(args), indent=2, default=str)
     texts["metrics.json"] = json.dumps(metrics or {}, indent=2)
     texts["trainer_state.json"] = json.dumps({"step": step, "optimizer": opt_meta}, indent=2)
-    rng = {"torch_rng": torch.get_rng_state()}
-    model.save_pretrained(out_dir, text_files=texts, tensor_files={"optimizer.safetensors": {**opt_tensors, **rng}})
+    tensors = {"optimizer.safetensors": {**opt_tensors, "torch_rng": torch.get_rng_state()}}
+    if adapter is None:
+        model.save_pretrained(out_dir, text_files=texts, tensor_files=tensors)
+    else:
+        state, config = adapter
+        texts["adapter_config.json"] = json.dumps(config, indent=2)
+        weights.save_folder(out_dir, {"adapter.safetensors": state, **tensors}, texts)
 
 
 def flatten_optimizer(optimizer):

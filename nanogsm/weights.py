@@ -27,8 +27,9 @@ def resolve(name_or_path) -> Path:
     name = str(name_or_path)
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{path}: folder has no config.json; expected a Gemma checkpoint folder")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise ValueError(f"{path}: folder has no config.json (nor adapter_config.json); "
+                             "expected a Gemma checkpoint folder")
         return path
     if name.endswith(".gguf"):
         if not path.is_file():

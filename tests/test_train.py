@@ -1,4 +1,5 @@
 """SFT pieces (labels, loss normalisation, schedule, checkpointing) and train_sft.py end to end."""
+import functools
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanogsm.lora import load_model
 from nanogsm.model import Gemma
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import IGNORE, collate, lr_at, n_target_tokens, sft_example, token_loss_sum
@@ -105,30 +107,35 @@ def test_loss_falls_when_overfitting_eight_examples(hf_checkpoint):
 
 # ---- the script ----------------------------------------------------------------------------------
 
-def train(*args, data_dir):
+def train(*args, data_dir, script="train_sft.py"):
     env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
-    return subprocess.run([sys.executable, "train_sft.py", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
 
-def test_resume_is_bit_exact(tiny_with_tokenizer, tmp_path, data_dir):
+@pytest.mark.parametrize("script, weights", [("train_sft.py", "model.safetensors"), ("train_lora.py", "adapter.safetensors")])
+def test_resume_is_bit_exact(script, weights, tiny_with_tokenizer, tmp_path, data_dir):
     common = ["--model", tiny_with_tokenizer, "--max-examples", 16, "--batch-size", 2, "--grad-accum", 2,
               "--max-seq-length", 256, "--lr", 1e-3, "--eval-n", 0]
-    straight = train(*common, "--out", tmp_path / "a", data_dir=data_dir)
+    run = functools.partial(train, data_dir=data_dir, script=script)
+    straight = run(*common, "--out", tmp_path / "a")
     assert straight.returncode == 0, straight.stderr
     assert "16 examples (main/train)" in straight.stdout and "4 steps of 2 x 2" in straight.stdout
-    first = train(*common, "--out", tmp_path / "b", "--stop-after-steps", 2, data_dir=data_dir)
+    first = run(*common, "--out", tmp_path / "b", "--stop-after-steps", 2)
     assert first.returncode == 0, first.stderr
-    second = train(*common, "--out", tmp_path / "b", "--resume", data_dir=data_dir)
+    second = run(*common, "--out", tmp_path / "b", "--resume")
     assert second.returncode == 0, second.stderr
-    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    a, b = load_file(tmp_path / "a" / weights), load_file(tmp_path / "b" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["model.norm.weight"], load_file(tiny_with_tokenizer / "model.safetensors")["model.norm.weight"])
+    start = load_file(tiny_with_tokenizer / "model.safetensors")
+    moved = [not torch.equal(a[k], start[k]) for k in a if k in start] or [a[k].abs().sum() > 0 for k in a
+                                                                           if k.endswith("lora_B")]
+    assert all(moved)  # SFT changed every weight; LoRA moved every B away from zero
     logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in "ab"]
     assert [r["loss"] for r in logs[0]] == [r["loss"] for r in logs[1]] and len(logs[0]) == 4
     assert set(logs[0][0]) == {"step", "loss", "lr", "grad_norm", "tok_per_s", "peak_mem_gb"}
-    # The checkpoint is a model folder every stage reads: nanogsm, with its tokenizer.
-    assert Gemma.from_pretrained(tmp_path / "a") and Tokenizer.from_pretrained(tmp_path / "a")
+    # The checkpoint is a folder every stage reads, with its tokenizer.
+    assert load_model(tmp_path / "a") and Tokenizer.from_pretrained(tmp_path / "a")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -146,3 +153,21 @@ def test_existing_out_is_refused(tiny_with_tokenizer, tmp_path, data_dir):
     (tmp_path / "x").mkdir()
     result = train("--model", tiny_with_tokenizer, "--max-examples", 4, "--out", tmp_path / "x", data_dir=data_dir)
     assert result.returncode != 0 and "exists; pass --resume" in result.stderr
+
+
+def test_lora_merge_and_evaluate_the_adapter_folder(tiny_with_tokenizer, tmp_path, data_dir):
+    result = train("--model", tiny_with_tokenizer, "--max-examples", 8, "--batch-size", 2, "--grad-accum", 2,
+                   "--max-seq-length", 256, "--lr", 1e-2, "--eval-n", 0, "--r", 4, "--alpha", 8, "--merge",
+                   "--out", tmp_path / "lora", data_dir=data_dir, script="train_lora.py")
+    assert result.returncode == 0, result.stderr
+    assert "trainable of" in result.stdout
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["alpha"] == 8 and len(config["targets"]) == 7
+    x = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "lora")(x), Gemma.from_pretrained(tmp_path / "lora" / "merged")(x),
+                                   atol=1e-5, rtol=0)
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
+    ev = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "lora"), "--n", "2", "--max-new-tokens",
+                         "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0 and "strict EM" in ev.stdout, ev.stderr
