@@ -1,0 +1,90 @@
+"""PPO / GRPO pieces against plain-Python loops and hand-computed values."""
+import math
+
+import pytest
+import torch
+
+from nanogsm.ppo import compute_gae, entropy, grpo_advantages, kl_penalty, policy_loss, value_loss, whiten
+
+
+def random_batch(B=5, T=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [T, 1, 4, 7, 0][:B]
+    mask = torch.tensor([[1.0 if t < n else 0.0 for t in range(T)] for n in lengths])
+    # Values past the response are garbage on purpose: a value head outputs something on padding too.
+    return torch.randn(B, T, generator=g) * mask, torch.randn(B, T, generator=g), mask, lengths
+
+
+def gae_loop(rewards, values, length, gamma, lam):
+    adv, running = [0.0] * len(rewards), 0.0
+    for t in reversed(range(length)):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        running = rewards[t] + gamma * next_value - values[t] + gamma * lam * running
+        adv[t] = running
+    return adv
+
+
+@pytest.mark.parametrize("gamma, lam", [(0.99, 0.95), (1.0, 1.0), (0.5, 0.0)])
+def test_gae_equals_a_plain_python_loop(gamma, lam):
+    rewards, values, mask, lengths = random_batch()
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        expected = gae_loop(rewards[b].tolist(), values[b].tolist(), n, gamma, lam)
+        assert adv[b].tolist() == pytest.approx(expected, abs=1e-5)
+        assert ret[b, :n].tolist() == pytest.approx([a + v for a, v in zip(expected[:n], values[b, :n].tolist())], abs=1e-5)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+
+
+def test_gae_with_lambda_one_and_zero_values_is_the_monte_carlo_return():
+    rewards, _, mask, lengths = random_batch(seed=1)
+    adv, ret = compute_gae(rewards, torch.zeros_like(rewards), mask, gamma=0.9, lam=1.0)
+    for b, n in enumerate(lengths):
+        mc = [sum(0.9 ** (k - t) * rewards[b, k].item() for k in range(t, n)) for t in range(n)]
+        assert adv[b, :n].tolist() == pytest.approx(mc, abs=1e-5) and ret[b, :n].tolist() == pytest.approx(mc, abs=1e-5)
+
+
+def test_policy_loss_by_hand():
+    ratios = torch.tensor([[0.5, 1.0, 1.5, 0.5, 3.0]])
+    adv = torch.tensor([[1.0, -1.0, 1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+    loss, clip_frac, approx_kl = policy_loss(ratios.log(), torch.zeros(1, 5), adv, mask, clip=0.2)
+    # per token max(-A r, -A clip(r)): -0.5 (unclipped), 1.0 (equal), -1.2 (clipped), 0.8 (clipped)
+    assert loss.item() == pytest.approx((-0.5 + 1.0 - 1.2 + 0.8) / 4)
+    assert clip_frac.item() == pytest.approx(0.5)
+    k3 = [(1 / r - 1) + math.log(r) for r in (0.5, 1.0, 1.5, 0.5)]
+    assert approx_kl.item() == pytest.approx(sum(k3) / 4)
+
+
+def test_value_loss_by_hand():
+    values, returns = torch.tensor([[0.5, 0.1, 9.0]]), torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clip_frac = value_loss(values, torch.zeros(1, 3), returns, torch.tensor([[1.0, 1.0, 0.0]]), clip=0.2)
+    # token 1: max((0.5-1)^2, (0.2-1)^2) = 0.64 (clipped); token 2: (0.1-1)^2 = 0.81 both ways
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.81) / 2)
+    assert clip_frac.item() == pytest.approx(0.5)
+
+
+def test_kl_estimators_match_the_definition_in_expectation():
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.25, 0.25, 0.25, 0.25])
+    kl = (p * (p / q).log()).sum()
+    for kind in ("k1", "k3"):
+        per_token = kl_penalty(p.log(), q.log(), kind)
+        assert (p * per_token).sum().item() == pytest.approx(kl.item(), abs=1e-6)
+    assert (kl_penalty(p.log(), q.log(), "k3") >= 0).all() and (kl_penalty(p.log(), q.log(), "k1") < 0).any()
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(p, q, "k2")
+
+
+def test_grpo_advantages_by_hand():
+    adv = grpo_advantages(torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 1]), group_size=4)
+    assert adv.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0], abs=1e-5)
+
+
+def test_whiten_and_entropy():
+    x, _, mask, _ = random_batch(seed=2)
+    w = whiten(x * 3 + 2, mask)
+    n = mask.sum()
+    assert (w * mask).sum().item() == pytest.approx(0, abs=1e-4)
+    assert ((w ** 2 * mask).sum() / n).item() == pytest.approx(1, abs=1e-3)
+    logits = torch.zeros(2, 3, 8)
+    assert entropy(logits, torch.ones(2, 3)).item() == pytest.approx(math.log(8))
