@@ -266,13 +266,15 @@ class Gemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.grad_checkpointing = False  # recompute each block's activations in backward
 
-    def forward(self, input_ids, pad_mask=None, cache=None, last_only=False):
+    def forward(self, input_ids, pad_mask=None, cache=None, last_only=False, head=True):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         pad_mask (B, T), optional: False on padding tokens, which no query attends to.
         cache: a KVCache; the new tokens take its next T slots and attend to all earlier ones.
         last_only: logits of the last position only, (B, 1, vocab): a prefill needs no more, and
         full logits over Gemma's 256k vocabulary are the largest tensor of the whole forward.
+        head=False: return the final hidden states (B, T, d) instead; `logits(h)` applies the head
+        (training computes the loss from them in chunks, never holding all logits).
         Positions count the real tokens before each one, so left-padded rows start at 0.
         """
         B, T = input_ids.shape
@@ -307,10 +309,13 @@ class Gemma(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.norm(x[:, -1:] if last_only else x)
-        logits = x @ self.embed_tokens.weight.T  # tied LM head: (B, T, vocab)
-        if cfg.final_softcap is not None:
-            logits = torch.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        return logits
+        return self.logits(x) if head else x
+
+    def logits(self, h):
+        """Tied LM head (and Gemma 2's final soft-cap): (..., d) -> (..., vocab)."""
+        logits = h @ self.embed_tokens.weight.T
+        cap = self.config.final_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     # ---- checkpoints -------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors.torch import load_file
 
 from nanogsm import weights
@@ -185,12 +186,27 @@ def n_target_tokens(labels):
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def token_loss_sum(model, input_ids, labels):
+def token_loss_sum(model, input_ids, labels, chunk=1024):
     """Sum (not mean) of next-token cross-entropy over labelled tokens, in fp32. Callers divide by
-    the labelled-token count of the whole effective batch."""
-    logits = model(input_ids)[:, :-1]  # (B, T-1, V): position t predicts token t+1
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
+    the labelled-token count of the whole effective batch.
+
+    The LM head runs only on labelled positions, `chunk` of them at a time, each chunk
+    checkpointed: with Gemma's 256k vocabulary, full fp32 logits (and their gradient) would be the
+    largest tensors of the step (8 x 512 x 256k x 4 bytes = 4 GiB each).
+    """
+    hidden = model(input_ids, head=False)[:, :-1]  # (B, T-1, d): position t predicts token t+1
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    hidden, targets = hidden[keep], targets[keep]  # (N, d), (N,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, len(targets), chunk):
+        total = total + torch.utils.checkpoint.checkpoint(
+            chunk_loss, model, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+    return total
+
+
+def chunk_loss(model, hidden, targets):
+    return F.cross_entropy(model.logits(hidden).float(), targets, reduction="sum")
 
 
 # ---- schedule and logging --------------------------------------------------------------------
