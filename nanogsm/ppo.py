@@ -9,8 +9,9 @@ Ouyang et al. 2022 (per-token KL penalty in the reward); Shao et al. 2024 (GRPO)
 import torch
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, n=None):
+    """Mean over masked entries; with n, the masked sum divided by n (a count over a larger batch)."""
+    return (x * mask).sum() / (mask.sum().clamp(min=1) if n is None else n)
 
 
 def whiten(x, mask, eps=1e-8):
@@ -49,32 +50,32 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
     raise ValueError(f"unknown KL estimator {kind!r}; expected k1 or k3")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip, n=None):
     """Clipped surrogate: mean of max(-A r, -A clip(r, 1 - c, 1 + c)), r = exp(logp - logp_old).
     Returns (loss, fraction of tokens where the clipped term was taken, approx KL(old || new) by k3)."""
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, n)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
     return loss, clip_frac.detach(), approx_kl.detach()
 
 
-def value_loss(values, old_values, returns, mask, clip):
+def value_loss(values, old_values, returns, mask, clip, n=None):
     """Clipped value loss: 0.5 * mean of max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2).
     Returns (loss, fraction of tokens where the clipped term was taken)."""
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     unclipped, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask, n)
     return loss, masked_mean((clipped > unclipped).float(), mask).detach()
 
 
-def entropy(logits, mask):
+def entropy(logits, mask, n=None):
     """Mean entropy of the token distributions (B, T, V) over response tokens, in fp32."""
     logp = logits.float().log_softmax(-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+    return masked_mean(-(logp.exp() * logp).sum(-1), mask, n)
 
 
 def grpo_advantages(rewards, group_size, eps=1e-6):
@@ -83,3 +84,118 @@ def grpo_advantages(rewards, group_size, eps=1e-6):
     grouped = rewards.view(-1, group_size)  # (prompts, k)
     mean, std = grouped.mean(-1, keepdim=True), grouped.std(-1, keepdim=True)
     return ((grouped - mean) / (std + eps)).view(-1)
+
+
+# ---- the model side: a value head, packing rollouts, scoring them -------------------------------
+
+class ValueHead(torch.nn.Module):
+    """V(s_t) from the policy's final hidden state: one linear layer, zero-initialised so the first
+    advantages are the rewards themselves. Sharing the trunk costs d+1 parameters instead of a
+    second model (a separate critic would double weights, gradients and optimizer state)."""
+
+    def __init__(self, hidden_size):
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.proj.weight)
+        torch.nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h):
+        return self.proj(h.float()).squeeze(-1)  # (..., d) -> (...)
+
+
+def pack(prompts, responses, pad_id):
+    """Prompt + response rows, right-padded: input_ids (B, L); for each response token the position
+    whose logits predict it, resp_pos (B, R); the tokens (B, R); mask (B, R)."""
+    B, L = len(prompts), max(len(p) + len(r) for p, r in zip(prompts, responses))
+    R = max(1, max(len(r) for r in responses))
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    resp_pos = torch.zeros(B, R, dtype=torch.long)
+    resp_tokens = torch.full((B, R), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, R)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+        resp_pos[i, :len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+        resp_tokens[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1.0
+    return input_ids, resp_pos, resp_tokens, mask
+
+
+def score_responses(model, value_head, input_ids, resp_pos, resp_tokens):
+    """One forward: log-probs (B, R), values (B, R) and the response-position logits (B, R, V).
+    The LM head runs on response positions only."""
+    hidden = model(input_ids, head=False)  # (B, L, d)
+    h = hidden.gather(1, resp_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
+    logits = model.logits(h).float()  # (B, R, V)
+    logprobs = logits.log_softmax(-1).gather(-1, resp_tokens[..., None]).squeeze(-1)
+    values = value_head(h) if value_head is not None else torch.zeros_like(logprobs)
+    return logprobs, values, logits
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_kind="k1"):
+    """Per-token reward: -kl_coef * KL estimate on every response token, plus the sequence score on
+    its last token (as in Ziegler et al. 2019). scores (B,) -> rewards (B, R), and the KL (B, R)."""
+    kl = kl_penalty(logprobs, ref_logprobs, kl_kind) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # index of each row's last response token
+    rewards[torch.arange(len(scores)), last] += scores * (mask.sum(-1) > 0)
+    return rewards, kl
+
+
+def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accum, clip, vf_coef, ent_coef,
+               max_grad_norm, kl_coef_in_loss=0.0, autocast=None, seed=0):
+    """The optimisation half of a PPO/GRPO step over the N rollouts in `batch` (a dict of tensors
+    from `pack` plus old_logprobs, old_values, advantages, returns, ref_logprobs).
+
+    For each of `epochs` passes the rollouts are shuffled and cut into optimizer steps of
+    minibatch x grad_accum sequences; each forward takes `minibatch` sequences. Losses are sums over
+    response tokens divided by the token count of the whole optimizer step (token-level
+    normalisation), so the split into micro-batches does not change the update. value_head None
+    means no critic (GRPO); kl_coef_in_loss > 0 adds kl_coef * k3 KL to the reference to the loss
+    (GRPO's placement of the KL term). Returns mean statistics.
+    """
+    N = batch["mask"].shape[0]
+    step_size = minibatch * grad_accum
+    device = batch["mask"].device
+    params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
+    generator = torch.Generator().manual_seed(seed)
+    stats = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "policy_clip_frac", "value_clip_frac",
+                             "grad_norm")}
+    for _ in range(epochs):
+        order = torch.randperm(N, generator=generator).to(device)
+        for start in range(0, N, step_size):
+            rows = order[start:start + step_size]
+            n_tokens = batch["mask"][rows].sum().clamp(min=1)
+            for micro in rows.split(minibatch):
+                mb = {k: v[micro] for k, v in batch.items()}
+                with autocast or torch.autocast("cpu", enabled=False):
+                    logprobs, values, logits = score_responses(model, value_head, mb["input_ids"], mb["resp_pos"],
+                                                               mb["resp_tokens"])
+                pg, pg_clip, approx_kl = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], clip,
+                                                     n_tokens)
+                ent = entropy(logits, mb["mask"], n_tokens)
+                loss = pg - ent_coef * ent
+                if value_head is not None:
+                    vl, vl_clip = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], clip, n_tokens)
+                    loss = loss + vf_coef * vl
+                    stats["value"].append(vl.item() * n_tokens.item() / mb["mask"].sum().clamp(min=1).item())
+                    stats["value_clip_frac"].append(vl_clip.item())
+                if kl_coef_in_loss:
+                    loss = loss + kl_coef_in_loss * masked_mean(kl_penalty(logprobs, mb["ref_logprobs"], "k3"),
+                                                                mb["mask"], n_tokens)
+                loss.backward()
+                scale = n_tokens.item() / mb["mask"].sum().clamp(min=1).item()  # back to this micro-batch's mean
+                stats["policy"].append(pg.item() * scale)
+                stats["entropy"].append(ent.item() * scale)
+                stats["approx_kl"].append(approx_kl.item())
+                stats["policy_clip_frac"].append(pg_clip.item())
+            stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+
+
+def explained_variance(values, returns, mask):
+    """1 - Var(returns - values) / Var(returns) over response tokens: 1 is a perfect critic."""
+    var = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    resid = returns - values
+    return (1 - masked_mean((resid - masked_mean(resid, mask)) ** 2, mask) / var.clamp(min=1e-8)).item()

@@ -252,11 +252,12 @@ def prepare_out_dir(out_dir, resume, overwrite):
     return out_dir
 
 
-def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metrics=None, adapter=None):
+def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metrics=None, adapter=None,
+                    extra_tensors=None):
     """An HF-style folder: config.json, model.safetensors, the tokenizer files of the source
     checkpoint, args.json, metrics.json; plus optimizer.safetensors and trainer_state.json to
     resume. With `adapter` (tensors, config): adapter.safetensors + adapter_config.json instead of
-    the full model. Written to a temp folder and renamed, so a crash never leaves half a checkpoint."""
+    the full model; extra_tensors: more safetensors files (name -> state). Written to a temp folder and renamed, so a crash never leaves half a checkpoint."""
     out_dir, source_folder = Path(out_dir), Path(source_folder)
     texts = {name: (source_folder / name).read_text() for name in TOKENIZER_FILES if (source_folder / name).is_file()}
     log = out_dir / "log.jsonl"
@@ -266,7 +267,7 @@ def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metric
     texts["args.json"] = json.dumps(vars(args), indent=2, default=str)
     texts["metrics.json"] = json.dumps(metrics or {}, indent=2)
     texts["trainer_state.json"] = json.dumps({"step": step, "optimizer": opt_meta}, indent=2)
-    tensors = {"optimizer.safetensors": {**opt_tensors, "torch_rng": torch.get_rng_state()}}
+    tensors = {"optimizer.safetensors": {**opt_tensors, "torch_rng": torch.get_rng_state()}, **(extra_tensors or {})}
     if adapter is None:
         model.save_pretrained(out_dir, text_files=texts, tensor_files=tensors)
     else:

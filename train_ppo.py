@@ -1,0 +1,218 @@
+"""PPO (or GRPO) on GSM8K from an SFT checkpoint, with an exact-match reward.
+
+    python train_ppo.py --init ckpt/sft-main                       # the study's settings (gemma-2b scale, GPU)
+    python train_ppo.py --init ckpt/sft-270m --rollouts 32 --ppo-batch 16 --steps 10 --max-new-tokens 160   # CPU
+    python train_ppo.py --init ckpt/sft-main --algo grpo --group-size 8
+    python train_ppo.py --init ckpt/sft-main --lora                # policy trains LoRA adapters
+
+Algorithm, per step (PPO with a learned critic as used for RLHF: Schulman et al. 2017; Ziegler et
+al. 2019; Ouyang et al. 2022):
+ 1. Rollouts: `--rollouts` responses from the current policy with the KV-cache engine (temperature
+    1.0) to zero-shot prompts `Question: <q>\\nAnswer:` from the train split (`--group-size` samples
+    per prompt; 1 for PPO by default).
+ 2. Score: +1 when the number after '####' equals the gold answer, else `--wrong-reward` (0), plus
+    `--format-bonus` when the response has a parsable '####' answer.
+ 3. Old log-probs and values (policy + value head) and reference log-probs (the frozen init
+    weights; with --lora the same weights with adapters disabled), all recomputed by the trainer.
+ 4. Per-token reward: -kl_coef * KL estimate (k1, or k3 with --kl k3) on every response token,
+    plus the score on the last token.
+ 5. GAE(gamma, lambda) over response tokens -> advantages and returns; advantages whitened over
+    the step's rollouts.
+ 6. `--ppo-epochs` passes; each shuffles the rollouts into optimizer steps of minibatch x
+    grad_accum sequences (forwards of `--minibatch` sequences): clipped policy loss + vf_coef x
+    clipped value loss - ent_coef x entropy, token-level normalised, grad-norm clipped, AdamW.
+Batch arithmetic (the study's numbers): 512 rollouts per step are generated and scored in chunks
+of `--ppo-batch` 32 sequences; an optimizer step takes minibatch 2 x grad_accum 8 = 16 sequences,
+so one PPO epoch is 32 optimizer steps and a PPO step (2 epochs) is 64.
+
+Deviations from the textbook: the value head is a linear layer on the policy's final hidden state
+(shared trunk, not a separate critic: ~0 extra memory, but policy and value gradients mix in the
+trunk); the episode is the response (gamma applies per token, no discount across problems); the KL
+penalty is in the reward (PPO) or in the loss as k3 (GRPO, as in DeepSeekMath).
+GRPO (`--algo grpo`, Shao et al. 2024): no critic; each response's advantage is its reward minus
+its group's mean, over the group's std, on every token; the KL to the reference goes in the loss.
+"""
+import argparse
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from nanogsm.generate import generate
+from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number
+from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled
+from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, pack, ppo_update,
+                         score_responses, token_rewards, whiten)
+from nanogsm.tokenizer import Tokenizer
+from nanogsm.train import (eval_em, load_trainer_state, log_step, peak_memory_gb, pick_device, prepare_out_dir,
+                           save_checkpoint, seed_everything)
+from nanogsm.weights import resolve
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--init", required=True, help="the SFT checkpoint (folder, or adapter folder) to start from")
+parser.add_argument("--out", default="ckpt/ppo", help="checkpoint folder")
+parser.add_argument("--algo", default="ppo", choices=["ppo", "grpo"], help="PPO with a critic, or GRPO")
+parser.add_argument("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
+parser.add_argument("--steps", type=int, default=100, help="PPO steps (rollout + update rounds)")
+parser.add_argument("--rollouts", type=int, default=512, help="responses generated per step")
+parser.add_argument("--group-size", type=int, default=None, help="samples per prompt (default: 1 PPO, 8 GRPO)")
+parser.add_argument("--ppo-batch", type=int, default=32, help="sequences per generation / scoring batch")
+parser.add_argument("--minibatch", type=int, default=2, help="sequences per training forward")
+parser.add_argument("--grad-accum", type=int, default=8, help="forwards per optimizer step")
+parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each step's rollouts")
+parser.add_argument("--lr", type=float, default=5e-7, help="AdamW learning rate (constant)")
+parser.add_argument("--kl-coef", type=float, default=0.05, help="weight of the KL to the reference")
+parser.add_argument("--kl", default="k1", choices=["k1", "k3"], help="per-token KL estimator in the reward")
+parser.add_argument("--vf-coef", type=float, default=0.1, help="value-loss weight")
+parser.add_argument("--ent-coef", type=float, default=0.01, help="entropy-bonus weight")
+parser.add_argument("--clip", type=float, default=0.2, help="clip range of the policy ratio and of the value")
+parser.add_argument("--gamma", type=float, default=0.99, help="discount per token")
+parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
+parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
+parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+parser.add_argument("--max-new-tokens", type=int, default=256, help="response budget")
+parser.add_argument("--wrong-reward", type=float, default=0.0, help="reward of a wrong answer")
+parser.add_argument("--format-bonus", type=float, default=0.0, help="extra reward for a parsable '####' answer")
+parser.add_argument("--lora", action="store_true", help="train LoRA adapters; the reference is the adapters off")
+parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank with --lora")
+parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha with --lora")
+parser.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
+parser.add_argument("--eval-every", type=int, default=0, help="every N steps: greedy EM on --eval-n test problems")
+parser.add_argument("--eval-n", type=int, default=256, help="seeded test subset for --eval-every")
+parser.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
+parser.add_argument("--seed", type=int, default=0, help="prompt order and sampling seed")
+parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+def main(args):
+    # ---- setup: every check before any compute
+    k = args.group_size or (8 if args.algo == "grpo" else 1)
+    for name, divisor in (("--ppo-batch", args.ppo_batch), ("--minibatch x --grad-accum", args.minibatch * args.grad_accum),
+                          ("--group-size", k)):
+        if args.rollouts % divisor:
+            raise ValueError(f"--rollouts {args.rollouts} is not divisible by {name} ({divisor})")
+    if args.algo == "grpo" and k < 2:
+        raise ValueError("--algo grpo needs --group-size >= 2 (advantages are relative within a group)")
+    source = resolve(args.init)
+    tok = Tokenizer.from_pretrained(source)
+    out = prepare_out_dir(args.out, args.resume, args.overwrite)
+    print("settings: " + " ".join(f"{key}={value}" for key, value in vars(args).items()) + f" group_size={k}")
+    device = pick_device()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    seed_everything(args.seed)
+
+    # ---- data: train questions (the test split stays for evaluation)
+    records = load_gsm8k("main", "train", args.data_dir)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
+
+    # ---- models: policy (+ value head), reference
+    if args.lora:  # one copy of the base: the reference is the policy with its adapters disabled
+        model = load_model(out, device=device) if args.resume else apply_lora(load_model(source, device=device),
+                                                                              args.lora_r, args.lora_alpha)
+        ref = None
+    else:
+        model = load_model(out if args.resume else source, device=device)
+        ref = load_model(source, device=device).eval().requires_grad_(False)
+    model.grad_checkpointing = not args.no_grad_checkpointing
+    value_head = ValueHead(model.config.hidden_size).to(device) if args.algo == "ppo" else None
+    if value_head is not None and args.resume:
+        value_head.load_state_dict(load_file(out / "value_head.safetensors"))
+    params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device == "cuda", foreach=None if device == "cuda" else True)
+    start = load_trainer_state(out, optimizer) if args.resume else 0
+    print(f"{sum(p.numel() for p in params):,} trainable parameters ({'LoRA' if args.lora else 'full'}"
+          f"{' + value head' if value_head else ''})")
+
+    def reference_logprobs(input_ids, resp_pos, resp_tokens):
+        if ref is None:
+            with lora_disabled(model):
+                return score_responses(model, None, input_ids, resp_pos, resp_tokens)[0]
+        return score_responses(ref, None, input_ids, resp_pos, resp_tokens)[0]
+
+    def save(step, metrics):
+        extra = {"value_head.safetensors": value_head.state_dict()} if value_head else {}
+        adapter = (adapter_state(model), adapter_config(model, args.init)) if args.lora else None
+        save_checkpoint(out, model, out if args.resume else source, args, step, optimizer, metrics, adapter, extra)
+
+    # ---- loop
+    metrics = {}
+    for step in range(start, args.steps):
+        # 1-2. rollouts and their scores
+        t0 = time.perf_counter()
+        n_prompts = args.rollouts // k
+        picked = [records[order[(step * n_prompts + i) % len(records)]] for i in range(n_prompts)]
+        picked = [r for r in picked for _ in range(k)]  # k consecutive samples per prompt
+        prompts = [tok.encode(build_prompt(r["question"], "zero-shot")) for r in picked]
+        model.eval()
+        responses = []
+        with autocast:
+            for i in range(0, len(prompts), args.ppo_batch):
+                responses += generate(model, prompts[i:i + args.ppo_batch], args.max_new_tokens,
+                                      temperature=args.temperature, stop_ids=tok.stop_ids,
+                                      seed=args.seed * 1_000_003 + step * 1000 + i)
+        texts = [tok.decode(r) for r in responses]
+        scores = torch.tensor([(1.0 if same_number(extract_answer(t), r["gold"]) else args.wrong_reward) +
+                               (args.format_bonus if extract_answer(t) is not None else 0.0)
+                               for t, r in zip(texts, picked)])
+        t_gen = time.perf_counter() - t0
+
+        # 3. old log-probs, values, reference log-probs (no grad), in chunks of ppo_batch
+        input_ids, resp_pos, resp_tokens, mask = pack(prompts, responses, tok.pad_id)
+        chunks = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
+        with torch.no_grad(), autocast:
+            for i in range(0, len(prompts), args.ppo_batch):
+                part = [t[i:i + args.ppo_batch].to(device) for t in (input_ids, resp_pos, resp_tokens)]
+                logprobs, values, _ = score_responses(model, value_head, *part)
+                chunks["old_logprobs"].append(logprobs.float())
+                chunks["old_values"].append(values.float())
+                chunks["ref_logprobs"].append(reference_logprobs(*part).float())
+        batch = {name: torch.cat(parts) for name, parts in chunks.items()}
+        batch.update(input_ids=input_ids.to(device), resp_pos=resp_pos.to(device), resp_tokens=resp_tokens.to(device),
+                     mask=mask.to(device))
+        mask, scores = batch["mask"], scores.to(device)
+
+        # 4-5. rewards and advantages
+        if args.algo == "ppo":
+            rewards, kl = token_rewards(scores, batch["old_logprobs"], batch["ref_logprobs"], mask, args.kl_coef, args.kl)
+            advantages, returns = compute_gae(rewards, batch["old_values"], mask, args.gamma, args.lam)
+            advantages = whiten(advantages, mask)
+        else:
+            _, kl = token_rewards(scores, batch["old_logprobs"], batch["ref_logprobs"], mask, 0.0, args.kl)
+            advantages, returns = grpo_advantages(scores, k)[:, None] * mask, torch.zeros_like(mask)
+        batch.update(advantages=advantages, returns=returns)
+
+        # 6. PPO epochs
+        model.train()
+        t1 = time.perf_counter()
+        stats = ppo_update(model, value_head, optimizer, batch, args.ppo_epochs, args.minibatch, args.grad_accum,
+                           args.clip, args.vf_coef, args.ent_coef, args.max_grad_norm,
+                           kl_coef_in_loss=args.kl_coef if args.algo == "grpo" else 0.0, autocast=autocast,
+                           seed=args.seed + step)
+        same = scores.view(-1, k).eq(scores.view(-1, k)[:, :1]).all(-1).float().mean().item()
+        record = {"step": step + 1, "rollout/reward_mean": scores.mean().item(),
+                  "rollout/response_len": mask.sum(-1).mean().item(), "rollout/frac_same_reward": same,
+                  "rollout/kl_ref": (kl * mask).sum(-1).mean().item(),
+                  **{f"loss/{name}": stats[name] for name in ("policy", "value", "approx_kl", "entropy") if name in stats},
+                  **{f"params/{name}": stats[name] for name in ("value_clip_frac", "policy_clip_frac", "grad_norm")
+                     if name in stats},
+                  "value/explained_variance": explained_variance(batch["old_values"], returns, mask)
+                  if value_head else 0.0,
+                  "time/generate_s": t_gen, "time/train_s": time.perf_counter() - t1,
+                  "peak_mem_gb": peak_memory_gb(device)}
+        log_step(out, record)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            metrics = eval_em(model, tok, args.eval_n, args.data_dir, autocast)
+            log_step(out, {"step": step + 1, **metrics})
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save(step + 1, metrics)
+    save(args.steps, metrics)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main(parser.parse_args())
+    except ValueError as e:  # user errors: one line, no traceback
+        sys.exit(f"error: {e}")
