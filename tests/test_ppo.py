@@ -137,3 +137,58 @@ def test_rl_raises_the_reward_on_a_learnable_task(algo, hf_checkpoint):
     means = run_rl(hf_checkpoint, algo)
     first, last = sum(means[:5]) / 5, sum(means[-5:]) / 5
     assert first < 0.3 and last > first + 0.2, means  # chance is 1/8
+
+
+# ---- train_ppo.py end to end on a tiny model ---------------------------------------------------------
+
+def ppo_script(*args, data_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
+    return subprocess.run([sys.executable, "train_ppo.py", *map(str, args)], cwd=Path(__file__).parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+SMALL = ["--rollouts", 4, "--ppo-batch", 2, "--minibatch", 2, "--grad-accum", 1, "--max-new-tokens", 6, "--lr", 1e-4]
+
+
+@pytest.mark.parametrize("extra", [[], ["--algo", "grpo", "--group-size", 2], ["--lora", "--lora-r", 2]])
+def test_train_ppo_runs_saves_and_resumes(extra, tiny_with_tokenizer, tmp_path, data_dir):
+    import json
+    first = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / "run", "--steps", 1, *SMALL, *extra,
+                       data_dir=data_dir)
+    assert first.returncode == 0, first.stderr
+    assert "settings: " in first.stdout and "kl_coef=0.05" in first.stdout
+    second = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / "run", "--steps", 2, "--resume", *SMALL,
+                        *extra, data_dir=data_dir)
+    assert second.returncode == 0, second.stderr
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    for key in ("rollout/reward_mean", "loss/policy", "loss/approx_kl", "loss/entropy", "params/policy_clip_frac",
+                "params/grad_norm", "rollout/kl_ref", "rollout/response_len", "rollout/frac_same_reward",
+                "time/generate_s", "time/train_s"):
+        assert key in log[-1]
+    if "--algo" not in extra:
+        assert "loss/value" in log[-1] and "params/value_clip_frac" in log[-1]
+        assert (tmp_path / "run" / "value_head.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rollouts", 10, "--ppo-batch", 4], "--rollouts 10 is not divisible by --ppo-batch (4)"),
+    (["--rollouts", 8, "--ppo-batch", 8, "--minibatch", 3, "--grad-accum", 1],
+     "--rollouts 8 is not divisible by --minibatch x --grad-accum (3)"),
+    (["--algo", "grpo", "--group-size", 1, "--rollouts", 4, "--ppo-batch", 2, "--minibatch", 2, "--grad-accum", 1],
+     "--algo grpo needs --group-size >= 2"),
+])
+def test_train_ppo_bad_batch_arithmetic(args, message, tiny_with_tokenizer, tmp_path, data_dir):
+    result = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / "x", *args, data_dir=data_dir)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_ppo_init_must_be_a_checkpoint(tmp_path, data_dir, hf_checkpoint):
+    result = ppo_script("--init", tmp_path / "nothing", "--out", tmp_path / "x", data_dir=data_dir)
+    assert result.returncode != 0 and "not a checkpoint folder" in result.stderr
+    result = ppo_script("--init", hf_checkpoint("gemma")[1], "--out", tmp_path / "x", data_dir=data_dir)
+    assert result.returncode != 0 and "no tokenizer.json" in result.stderr
