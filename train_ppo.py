@@ -44,6 +44,7 @@ from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number
 from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled
 from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, pack, ppo_update,
                          score_responses, token_rewards, whiten)
+from nanogsm.report import progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (eval_em, load_trainer_state, log_step, peak_memory_gb, pick_device, prepare_out_dir,
                            save_checkpoint, seed_everything)
@@ -138,7 +139,7 @@ def main(args):
 
     # ---- loop
     metrics = {}
-    for step in range(start, args.steps):
+    for step in progress(range(start, args.steps), desc=args.algo):
         # 1-2. rollouts and their scores
         t0 = time.perf_counter()
         n_prompts = args.rollouts // k

@@ -17,6 +17,7 @@ import sys
 import torch
 
 from nanogsm.model import Gemma
+from nanogsm.report import progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (collate, eval_em, load_trainer_state, log_step, lr_at, peak_memory_gb, save_checkpoint,
                            sft_arguments, sft_data, sft_step, start_run)
@@ -48,7 +49,7 @@ def main(args):
 
     # ---- loop
     metrics = {}
-    for step in range(start, total_steps):
+    for step in progress(range(start, total_steps), desc="sft"):
         lr = lr_at(step, total_steps, warmup, args.lr, args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr

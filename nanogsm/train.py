@@ -5,6 +5,7 @@ import math
 import random
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -226,7 +227,9 @@ def peak_memory_gb(device):
 
 
 def log_step(out_dir, record, wandb=None):
-    """One line with fixed fields to stdout, the same record appended to out_dir/log.jsonl."""
+    """One line with fixed fields to stdout, the same record appended to out_dir/log.jsonl. On a
+    terminal the line first clears the progress bar that `report.progress` draws on stderr."""
+    print("\r\033[K" if sys.stdout.isatty() else "", end="")
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
     with open(Path(out_dir) / "log.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
