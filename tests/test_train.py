@@ -189,3 +189,13 @@ def test_chunked_loss_equals_full_logits_loss(family, hf_checkpoint):
     torch.testing.assert_close(chunked, plain, atol=1e-4, rtol=1e-6)
     for a, p in zip(grads, model.parameters()):
         torch.testing.assert_close(a, p.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_with_tokenizer, tmp_path, data_dir):
+    result = train("--model", tiny_with_tokenizer, "--max-examples", 12, "--batch-size", 2, "--grad-accum", 1,
+                   "--max-seq-length", 256, "--lr", 1e30, "--warmup-frac", 0, "--save-every", 1, "--eval-n", 0,
+                   "--out", tmp_path / "nan", data_dir=data_dir)
+    assert result.returncode != 0 and "stopping. The last good checkpoint" in result.stderr
+    state = json.loads((tmp_path / "nan" / "trainer_state.json").read_text())
+    assert 1 <= state["step"] < 6  # saved before the bad step, never after it
+    assert Gemma.from_pretrained(tmp_path / "nan")  # a complete, loadable folder
