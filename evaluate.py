@@ -19,6 +19,7 @@ from nanogsm.gsm8k import STRATEGIES, SUBSET_SEED, SUBSET_SIZE, seeded_subset, e
 from nanogsm.lora import load_model
 from nanogsm.report import mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
+from nanogsm.weights import resolve
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", help="model name, checkpoint or LoRA adapter folder, .gguf file or Hub id")
@@ -71,8 +72,9 @@ def main(args):
     records = seeded_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
     print(f"GSM8K {args.config}/test: {len(records)} problems" +
           ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
-    tok = Tokenizer.from_pretrained(args.model)
-    model = load_model(args.model, dtype=dtype, device=device)
+    source = resolve(args.model)  # once: a Hub id is downloaded, a GGUF converted, only here
+    tok = Tokenizer.from_pretrained(source)
+    model = load_model(source, dtype=dtype, device=device)
     chat = args.chat == "on" or (args.chat == "auto" and "-it" in str(args.model))
     strategies = STRATEGIES if args.prompt == "all" else [args.prompt]
     summaries = []
