@@ -5,17 +5,28 @@
     python evaluate.py --model ckpt/sft-main --full --out runs/sft.jsonl
     python evaluate.py --model google/gemma-2b-it --samples 8 --temperature 0.7   # maj@8 and pass@8
     python evaluate.py --compare runs/base.jsonl runs/sft.jsonl       # paired error analysis
+    python evaluate.py --model ckpt/lora-270m --heldout --n 128       # train problems it did not see
 
 Strict exact match (the number after '####' equals the gold number) is the score; the flexible
 score (last number in the text) is printed next to it, never mixed in.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from nanogsm.gsm8k import STRATEGIES, SUBSET_SEED, SUBSET_SIZE, seeded_subset, evaluate, load_gsm8k, summarize
+from nanogsm.gsm8k import (
+    STRATEGIES,
+    SUBSET_SEED,
+    SUBSET_SIZE,
+    evaluate,
+    heldout_subset,
+    load_gsm8k,
+    seeded_subset,
+    summarize,
+)
 from nanogsm.lora import load_model
 from nanogsm.report import mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
@@ -27,6 +38,9 @@ parser.add_argument("--config", default="main", help="GSM8K config: main | socra
 parser.add_argument("--prompt", default="one-shot-instruct", help=f"one of {', '.join(STRATEGIES)}, or all")
 parser.add_argument("--n", type=int, default=SUBSET_SIZE, help=f"seeded test subset size (seed {SUBSET_SEED})")
 parser.add_argument("--full", action="store_true", help="all 1,319 test problems instead of --n")
+parser.add_argument("--heldout", action="store_true",
+                    help="score --n train problems outside the model's --max-examples training subset "
+                         "(read from its args.json) instead of test: for choosing hyperparameters")
 parser.add_argument("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
 parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per answer")
@@ -57,6 +71,20 @@ def compare(path_a, path_b):
     print(f"McNemar exact p = {mcnemar_exact(len(groups['only A']), len(groups['only B'])):.4f}")
 
 
+def heldout_records(folder, args):
+    """--n train problems the run in `folder` did not train on (its args.json: max_examples, seed)."""
+    path = Path(folder) / "args.json"
+    run = json.loads(path.read_text()) if path.is_file() else {}
+    if not run.get("max_examples"):
+        raise ValueError(f"--heldout needs a run trained on a --max-examples subset; {path} "
+                         "has no max_examples (a run on all of train has no held-out train problems)")
+    train = load_gsm8k(run.get("data", args.config), "train", args.data_dir)
+    records = heldout_subset(train, run["max_examples"], run["seed"], None if args.full else args.n)
+    print(f"GSM8K {run.get('data', args.config)}/train held out: {len(records)} problems outside the "
+          f"run's {run['max_examples']} training examples (seed {run['seed']})")
+    return records
+
+
 def main(args):
     if args.compare:
         return compare(*args.compare)
@@ -69,10 +97,13 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     print(f"device {device} | dtype {dtype} | threads {torch.get_num_threads()}")
-    records = seeded_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
-    print(f"GSM8K {args.config}/test: {len(records)} problems" +
-          ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
     source = resolve(args.model)  # once: a Hub id is downloaded, a GGUF converted, only here
+    if args.heldout:
+        records = heldout_records(source, args)
+    else:
+        records = seeded_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
+        print(f"GSM8K {args.config}/test: {len(records)} problems" +
+              ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
     tok = Tokenizer.from_pretrained(source)
     model = load_model(source, dtype=dtype, device=device)
     chat = args.chat == "on" or (args.chat == "auto" and "-it" in str(args.model))

@@ -47,6 +47,9 @@ def main(args):
     else:
         apply_lora(model, args.r, args.alpha, args.lora_dropout, args.targets.split(","))
     model.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        for block in model.layers:
+            block.compile()  # in place: parameter names (and checkpoints) unchanged
     model.train()
     trainable, total = count_parameters(model)
     print(f"LoRA r={args.r} alpha={args.alpha} on {args.targets}: {trainable:,} trainable of {total:,} parameters "

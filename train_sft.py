@@ -38,6 +38,9 @@ def main(args):
     # ---- model and optimizer
     model = Gemma.from_pretrained(out if args.resume else source, dtype=torch.float32, device=device)
     model.grad_checkpointing = args.grad_checkpointing
+    if args.compile:
+        for block in model.layers:
+            block.compile()  # in place: parameter names (and checkpoints) unchanged
     model.train()
     print(f"{model.num_params() / 1e6:.1f}M parameters, all trained")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,

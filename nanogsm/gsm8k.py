@@ -97,6 +97,13 @@ def seeded_subset(records, n=SUBSET_SIZE, seed=SUBSET_SEED):
     return [records[i] for i in ids]
 
 
+def heldout_subset(train_records, n_trained, train_seed, n=SUBSET_SIZE):
+    """n seeded train records outside the subset that `--max-examples n_trained --seed train_seed`
+    trained on: a held-out slice of train for choosing hyperparameters without the test set."""
+    trained = {r["id"] for r in seeded_subset(train_records, n_trained, train_seed)}
+    return seeded_subset([r for r in train_records if r["id"] not in trained], n)
+
+
 def build_prompt(question, strategy="one-shot-instruct", chat=False, tokenizer=None):
     """The study's prompt text; for instruction-tuned models wrapped in the chat template (the
     instruction goes in the user turn: Gemma has no system role)."""

@@ -180,25 +180,28 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): every key so far
-        if self.softcap is None:
+        if self.softcap is None and T > 1:  # fused kernel (prefill, training)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
-        else:
-            y = self.softcapped_attention(q, k, v, mask)
+        else:  # Gemma 2's soft-cap, and one-token decode steps
+            y = self.grouped_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, nh*hd)
         return self.o_proj(y)
 
-    def softcapped_attention(self, q, k, v, mask):
-        """Gemma 2: scores -> cap * tanh(scores / cap) before the mask; no fused kernel allows it.
-        Query heads are grouped per kv head with a view, so K/V are never repeated in memory."""
+    def grouped_attention(self, q, k, v, mask):
+        """Attention as two matmuls; query heads are grouped per kv head with a view, so K/V are
+        never repeated in memory. Gemma 2 needs it: scores -> cap * tanh(scores / cap) before the
+        mask, which no fused kernel allows. A decode step (T = 1) uses it too: there the fused CPU
+        kernel gains nothing and in bf16 is ~8x slower than these two matmuls (measured)."""
         B, _, T, hd = q.shape
-        g = self.n_heads // self.n_kv
-        q = q.view(B, self.n_kv, g, T, hd)  # (B, nkv, g, T, hd)
-        scores = (q @ k.unsqueeze(2).transpose(-1, -2)) * self.scale  # (B, nkv, g, T, S)
-        scores = torch.tanh(scores / self.softcap) * self.softcap
+        S, g = k.shape[2], self.n_heads // self.n_kv
+        q = q.reshape(B, self.n_kv, g * T, hd)  # (B, nkv, g*T, hd): the g query heads of each kv head
+        scores = (q @ k.transpose(-1, -2)).view(B, self.n_kv, g, T, S) * self.scale  # (B, nkv, g, T, S)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
         probs = scores.float().softmax(-1).to(q.dtype)  # softmax in fp32
-        y = probs @ v.unsqueeze(2)  # (B, nkv, g, T, hd)
-        return y.reshape(B, self.n_heads, T, hd)
+        y = probs.view(B, self.n_kv, g * T, S) @ v  # (B, nkv, g*T, hd)
+        return y.view(B, self.n_heads, T, hd)
 
 
 class MLP(nn.Module):

@@ -10,8 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 from safetensors.torch import load_file
 
 from nanogsm import weights
@@ -45,6 +43,8 @@ def sft_arguments(parser):
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     add("--clip", type=float, default=1.0, help="gradient-norm clipping")
     add("--grad-checkpointing", action="store_true", help="recompute activations in backward (non-reentrant)")
+    add("--compile", action="store_true", help="torch.compile every transformer block (same results; the "
+                                               "first steps are slow while it compiles)")
     add("--seed", type=int, default=0, help="data order and init seed")
     add("--eval-every", type=int, default=0, help="every N steps: EM on --eval-n test problems")
     add("--eval-n", type=int, default=64, help="test problems (seeded subset) for --eval-every / the end; 0: none")
@@ -144,16 +144,17 @@ def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
     """
     t0 = time.perf_counter()
     n_tokens = sum(n_target_tokens(labels) for _, labels in batches)
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), device=device)
     for input_ids, labels in batches:
         with autocast:
             loss = token_loss_sum(model, input_ids.to(device), labels.to(device)) / n_tokens
         loss.backward()
-        loss_sum += loss.item()
+        loss_sum += loss.detach()  # no .item() here: one host-device sync per step, below
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"loss is {loss_sum}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     seen = sum(int((ids != pad_id).sum()) for ids, _ in batches)
@@ -191,23 +192,58 @@ def token_loss_sum(model, input_ids, labels, chunk=1024):
     """Sum (not mean) of next-token cross-entropy over labelled tokens, in fp32. Callers divide by
     the labelled-token count of the whole effective batch.
 
-    The LM head runs only on labelled positions, `chunk` of them at a time, each chunk
-    checkpointed: with Gemma's 256k vocabulary, full fp32 logits (and their gradient) would be the
-    largest tensors of the step (8 x 512 x 256k x 4 bytes = 4 GiB each).
+    The LM head and the loss are fused (`HeadLoss`): they run only on labelled positions, `chunk`
+    of them at a time. With Gemma's 256k vocabulary, full fp32 logits (and their gradient) would
+    be the largest tensors of the step (8 x 512 x 256k x 4 bytes = 4 GiB each).
     """
     hidden = model(input_ids, head=False)[:, :-1]  # (B, T-1, d): position t predicts token t+1
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    hidden, targets = hidden[keep], targets[keep]  # (N, d), (N,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, len(targets), chunk):
-        total = total + torch.utils.checkpoint.checkpoint(
-            chunk_loss, model, hidden[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
-    return total
+    return HeadLoss.apply(hidden[keep], model.embed_tokens.weight, targets[keep], model.config.final_softcap, chunk)
 
 
-def chunk_loss(model, hidden, targets):
-    return F.cross_entropy(model.logits(hidden).float(), targets, reduction="sum")
+class HeadLoss(torch.autograd.Function):
+    """sum_n cross_entropy(softcap(hidden[n] @ weight.T), targets[n]), chunk by chunk, with both
+    gradients computed in the forward while each chunk's logits exist (so backward only scales
+    them: no logits are kept and none are recomputed).
+
+    Per chunk, z = h W^T (C, V); logits = cap * tanh(z / cap) (or z); loss = logsumexp - logit of
+    the target. dloss/dlogits = softmax - onehot; dlogits/dz = 1 - tanh^2; dz/dh = W, dz/dW = h.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cap, chunk):  # (N, d), (V, d), (N,)
+        need_h, need_w = ctx.needs_input_grad[:2]
+        grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, len(targets), chunk):
+            h, t = hidden[i:i + chunk], targets[i:i + chunk]
+            z = (h @ weight.T).float()  # (C, V); bf16 matmul under autocast
+            if cap is not None:
+                squashed = torch.tanh(z / cap)
+                z = squashed * cap
+            rows = torch.arange(len(t), device=t.device)
+            total += (torch.logsumexp(z, -1) - z[rows, t]).sum()
+            if need_h or need_w:
+                g = torch.softmax(z, -1)  # (C, V): dloss/dlogits = softmax - onehot
+                g[rows, t] -= 1
+                if cap is not None:
+                    g *= 1 - squashed ** 2
+                g = g.to(weight.dtype)  # the matmuls below run in bf16 under autocast, as the forward's
+                if need_h:
+                    grad_h[i:i + chunk] = g @ weight  # (C, d)
+                if need_w:
+                    grad_w += g.T @ h.to(weight.dtype)  # (V, d)
+        ctx.save_for_backward(grad_h, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_total if grad_h is not None else None
+        grad_w = grad_w * grad_total if grad_w is not None else None
+        return grad_h, grad_w, None, None, None
 
 
 # ---- schedule and logging --------------------------------------------------------------------

@@ -50,6 +50,24 @@ def test_real_model_run_writes_rows_for_the_seeded_subset(tmp_path, data_dir):
                for r in rows)
 
 
+def test_heldout_scores_train_problems_the_run_did_not_see(tmp_path, tiny_with_tokenizer, data_dir):
+    result = run("--model", str(tiny_with_tokenizer), "--heldout", "--n", "2", data_dir=data_dir)
+    assert result.returncode != 0 and "has no max_examples" in result.stderr and "Traceback" not in result.stderr
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_with_tokenizer, run_dir)
+    (run_dir / "args.json").write_text(json.dumps({"data": "main", "max_examples": 40, "seed": 3}))
+    out = tmp_path / "held.jsonl"
+    result = run("--model", str(run_dir), "--heldout", "--n", "4", "--max-new-tokens", "2", "--out", str(out),
+                 data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    train = load_gsm8k("main", "train", data_dir)
+    trained = {r["id"] for r in seeded_subset(train, 40, 3)}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and not trained & {r["id"] for r in rows}
+    assert [r["question"] for r in rows] == [train[r["id"]]["question"] for r in rows]  # train, not test
+
+
 def test_compare_counts_and_mcnemar(tmp_path):
     a = [True, True, True, True, False, False]
     b = [True, False, False, False, True, False]

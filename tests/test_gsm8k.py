@@ -4,7 +4,7 @@ import json
 import pytest
 
 from nanogsm.gsm8k import (STRATEGIES, build_prompt, calculate, extract_answer, extract_last_number, is_correct,
-                           load_gsm8k, seeded_subset)
+                           heldout_subset, load_gsm8k, seeded_subset)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -51,6 +51,15 @@ def test_seeded_subset_is_stable(data_dir):
     assert seeded_subset(test, None) is test
     with pytest.raises(ValueError, match="--n 2000 is larger than the split"):
         seeded_subset(test, 2000)
+
+
+def test_heldout_slice_never_overlaps_the_training_subset(data_dir):
+    train = load_gsm8k("main", "train", data_dir)
+    trained = {r["id"] for r in seeded_subset(train, 480, 0)}  # what train_sft.py --max-examples 480 uses
+    held = heldout_subset(train, 480, 0, 128)
+    assert len(held) == 128 and not trained & {r["id"] for r in held}
+    assert [r["id"] for r in held] == [r["id"] for r in heldout_subset(train, 480, 0, 128)]
+    assert {r["id"] for r in heldout_subset(train, 480, 1, 128)} != {r["id"] for r in held}  # follows the seed
 
 
 @pytest.mark.parametrize("line, message", [

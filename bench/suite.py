@@ -1,0 +1,306 @@
+"""The benchmark suite: one entry point, a markdown table, a JSON file. nanogsm vs HF transformers
+on the same weights, inputs, dtype and threads, in the same run; ratio = nanogsm / HF speed.
+
+    python -m bench.suite                                   # Gemma 3 270M (offline) on this device
+    python -m bench.suite --only decode --batches 1 16      # one workload
+    python -m bench.suite --shape gemma-2b --train-seq 512  # GPU: random weights in gemma-2b's shape
+
+Workloads (every measurement runs in a fresh process, so a peak memory is that measurement's own):
+  train    forward + backward + AdamW, tokens/s, peak memory, MFU; full and LoRA (r=16 on all seven
+           projections), each with and without gradient checkpointing. MFU = model FLOPs / time /
+           peak FLOP/s with model FLOPs = 6 x params x tokens (full) or 4 x params x tokens (LoRA:
+           no weight gradients for the frozen base); checkpointing's recompute is not counted.
+           Peak: the data-sheet dense bf16 figure on a known GPU, else the best measured matmul.
+           HF has no LoRA without `peft` (not a dependency): LoRA rows are nanogsm only.
+  prefill  one forward over --prompt-len random tokens at each --batches size (last-position logits
+           on both sides), tokens/s.
+  decode   greedy continuation by --new-tokens tokens (no early stop) after that prefill:
+           decode tokens/s = batch x new tokens / (generate time - prefill time). At batch 1 also
+           the fraction of the memory-bandwidth bound: per step the weights and the mean KV cache
+           are read once; bound = those bytes / measured copy bandwidth (2 x bytes / copy time).
+  ppo      one `train_ppo.py` step at reduced scale (--ppo-rollouts, 64 new tokens, minibatch 2 x
+           accumulation rollouts/2, 2 epochs): seconds and the share spent generating (nanogsm only).
+With --hf-compile, HF decode also runs with a static cache and torch.compile (slow to build on CPU).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WORKLOADS = ["train", "prefill", "decode", "ppo"]
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, data sheets (SXM)
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", default="gemma-3-270m", help="model name or checkpoint folder")
+parser.add_argument("--shape", choices=["gemma-2b"], help="random weights in this shape instead of --model")
+parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=WORKLOADS, help="workloads to run")
+parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256], help="prefill/decode batch sizes")
+parser.add_argument("--prompt-len", type=int, default=128, help="prefill/decode prompt tokens")
+parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens per row")
+parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
+parser.add_argument("--train-seq", type=int, default=192, help="tokens per training sequence")
+parser.add_argument("--steps", type=int, default=3, help="timed repeats after one warm-up (best is reported)")
+parser.add_argument("--ppo-rollouts", type=int, default=16, help="rollouts of the reduced PPO step (even)")
+parser.add_argument("--dtype", help="bfloat16 (autocast in training, bf16 weights in inference) or float32; "
+                                    "default bfloat16 on CUDA, float32 on CPU")
+parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+parser.add_argument("--hf-compile", action="store_true", help="also HF decode with static cache + torch.compile")
+parser.add_argument("--out", help="JSON file (default runs/bench-<time>.json)")
+parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, as JSON; prints a JSON result
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def peak_gb(device):
+    from nanogsm.train import peak_memory_gb
+    return peak_memory_gb(device)
+
+
+def measure(job):
+    """Runs in the child process: one workload on one side; returns a dict of numbers."""
+    from nanogsm.model import Gemma
+    torch.set_num_threads(job["threads"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = job["dtype"] == "bfloat16"
+    folder, side, work = Path(job["folder"]), job["side"], job["work"]
+    gen = torch.Generator().manual_seed(0)
+    if work == "train":
+        from nanogsm.lora import apply_lora
+        from nanogsm.train import token_loss_sum
+        x = torch.randint(0, 32000, (job["batch"], job["seq"]), generator=gen).to(device)
+        if side == "nanogsm":
+            model = Gemma.from_pretrained(folder, device=device).train()
+            model.grad_checkpointing = job["ckpt"]
+            if job["lora"]:
+                apply_lora(model)
+            loss_fn = lambda: token_loss_sum(model, x, x) / (x.numel() - x.shape[0])  # noqa: E731
+        else:
+            import transformers
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
+            if job["ckpt"]:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            loss_fn = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda", foreach=None if device == "cuda" else True)
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
+        def step():
+            with autocast:
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t = best_time(step, device, job["steps"])
+        n_params = sum(p.numel() for p in model.parameters())
+        flops = (4 if job["lora"] else 6) * n_params * x.numel()
+        return {"tok_s": x.numel() / t, "peak_gb": peak_gb(device), "flops_per_s": flops / t}
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    B, P, N = job["batch"], job["prompt_len"], job["new_tokens"]
+    prompts = torch.randint(0, 32000, (B, P), generator=gen)
+    with torch.inference_mode():
+        if side == "nanogsm":
+            from nanogsm.generate import generate
+            model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
+            x = prompts.to(device)
+            t_prefill = best_time(lambda: model(x, last_only=True), device, job["steps"])
+            run = lambda: generate(model, prompts.tolist(), N)  # noqa: E731
+        else:
+            import transformers
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            x = prompts.to(device)
+            t_prefill = best_time(lambda: model(x, logits_to_keep=1), device, job["steps"])
+            kwargs = {}
+            if job.get("compile"):
+                model.forward = torch.compile(model.forward, mode="reduce-overhead" if device == "cuda" else None)
+                kwargs = {"cache_implementation": "static"}
+            run = lambda: model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=N,  # noqa: E731
+                                         min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                         **kwargs)
+        if work == "prefill":
+            return {"tok_s": B * P / t_prefill, "peak_gb": peak_gb(device)}
+        t_gen = best_time(run, device, 1)  # one warm-up run, one timed
+        result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_gb(device)}
+        if B == 1:
+            result["bandwidth_frac"] = bandwidth_bound(model if side == "nanogsm" else None, folder, dtype, P, N,
+                                                      device) / ((t_gen - t_prefill) / N)
+        return result
+
+
+def bandwidth_bound(model, folder, dtype, P, N, device):
+    """Seconds per decode step if it only read the weights and the mean KV cache at the measured
+    copy bandwidth of this device."""
+    from nanogsm.model import Gemma
+    model = model or Gemma.from_pretrained(folder, dtype=dtype, device=device)
+    cfg, size = model.config, torch.finfo(dtype).bits // 8
+    weight_bytes = sum(p.numel() for p in model.parameters()) * size
+    context = P + N / 2
+    windows = [cfg.sliding_window if kind == "sliding_attention" else None for kind in cfg.layer_types]
+    kv_bytes = sum(2 * cfg.num_kv_heads * cfg.head_dim * size * min(context, w or context) for w in windows)
+    src = torch.empty(2**28, dtype=torch.uint8, device=device)  # 256 MiB
+    dst = torch.empty_like(src)
+    t = best_time(lambda: dst.copy_(src), device, 5)
+    bandwidth = 2 * src.numel() / t  # bytes read + written per second
+    return (weight_bytes + kv_bytes) / bandwidth
+
+
+def ppo_step(folder, args):
+    """One reduced train_ppo.py step; its own log gives the generation and training seconds."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "train_ppo.py", "--init", str(folder), "--out", out, "--overwrite", "--steps", "1",
+               "--rollouts", str(args.ppo_rollouts), "--ppo-batch", str(args.ppo_rollouts), "--minibatch", "2",
+               "--grad-accum", str(args.ppo_rollouts // 2), "--max-new-tokens", "64", "--save-every", "0"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        t = time.perf_counter()
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1],
+                                check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"error: the PPO step failed:\n{result.stderr[-3000:]}")
+        total = time.perf_counter() - t
+        row = json.loads((Path(out) / "log.jsonl").read_text().splitlines()[0])
+    step = row["time/generate_s"] + row["time/train_s"]
+    return {"step_s": step, "generate_share": row["time/generate_s"] / step, "process_s": total,
+            "peak_gb": row["peak_mem_gb"]}
+
+
+def run_child(job):
+    result = subprocess.run([sys.executable, "-m", "bench.suite", "--child", json.dumps(job)], capture_output=True,
+                            text=True, cwd=Path(__file__).parents[1], check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"error: {job['work']} on {job['side']} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def random_folder(shape):
+    """A checkpoint folder with random weights in `shape` (and the offline model's tokenizer)."""
+    import shutil
+
+    from nanogsm.model import SHAPES, Gemma, GemmaConfig, ours_to_hf
+    from nanogsm.weights import resolve, save_folder
+    folder = Path(tempfile.gettempdir()) / f"nanogsm-random-{shape}"
+    if not (folder / "model.safetensors").is_file():
+        cfg = GemmaConfig.from_hf(SHAPES[shape])
+        with torch.device("meta"):
+            shapes = {ours_to_hf(cfg, k): v.shape for k, v in Gemma(cfg).state_dict().items()}
+        state = {k: (torch.randn(s) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
+        save_folder(folder, {"model.safetensors": state}, {"config.json": json.dumps(SHAPES[shape], indent=2)})
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(resolve("gemma-3-270m") / name, folder / name)
+    return folder
+
+
+def peak_flops(device, dtype):
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops, f"{name} data sheet, dense bf16"
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t = best_time(lambda: a @ a, device, 3)
+    return 2 * n**3 / t, f"best measured {n}x{n} {dtype} matmul"
+
+
+def main(args):
+    from nanogsm.weights import resolve
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
+    torch.set_num_threads(args.threads)
+    folder = random_folder(args.shape) if args.shape else resolve(args.model)
+    name = args.shape or args.model
+    base = {"folder": str(folder), "dtype": dtype, "threads": args.threads, "steps": args.steps}
+    peak, peak_source = peak_flops(device, getattr(torch, dtype))
+    rows = []
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'} | "
+          f"threads {args.threads} | {name} | {dtype} | MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    print(HEADER, flush=True)
+    if "train" in args.only:
+        for lora in (False, True):
+            for ckpt in (False, True):
+                job = {**base, "work": "train", "lora": lora, "ckpt": ckpt, "batch": args.train_batch,
+                       "seq": args.train_seq}
+                ours = run_child({**job, "side": "nanogsm"})
+                hf = None if lora else run_child({**job, "side": "hf"})
+                rows.append({"workload": "train", "variant": f"{'LoRA' if lora else 'full'}"
+                             f"{' + ckpt' if ckpt else ''}", "batch": f"{args.train_batch}x{args.train_seq}",
+                             "nanogsm": ours, "hf": hf, "mfu": ours["flops_per_s"] / peak})
+                print_row(rows[-1])
+    for work in ("prefill", "decode"):
+        if work in args.only:
+            for batch in args.batches:
+                job = {**base, "work": work, "batch": batch, "prompt_len": args.prompt_len,
+                       "new_tokens": args.new_tokens}
+                ours, hf = run_child({**job, "side": "nanogsm"}), run_child({**job, "side": "hf"})
+                rows.append({"workload": work, "variant": "greedy" if work == "decode" else "",
+                             "batch": str(batch), "nanogsm": ours, "hf": hf})
+                print_row(rows[-1])
+                if work == "decode" and args.hf_compile:
+                    hf = run_child({**job, "side": "hf", "compile": True})
+                    rows.append({**rows[-1], "variant": "vs HF static cache + compile", "hf": hf})
+                    print_row(rows[-1])
+    if "ppo" in args.only:
+        rows.append({"workload": "ppo", "variant": f"{args.ppo_rollouts} rollouts x 64 tokens, 2 epochs",
+                     "batch": str(args.ppo_rollouts), "nanogsm": ppo_step(folder, args), "hf": None})
+        print_row(rows[-1])
+    out = Path(args.out or f"runs/bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"date": f"{datetime.date.today()}", "device": device, "model": name, "dtype": dtype,
+              "threads": args.threads, "peak_flops": peak, "peak_source": peak_source, "argv": sys.argv[1:],
+              "rows": rows}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+HEADER = ("| workload | variant | batch | nanogsm | HF | ratio | nanogsm peak GB | HF peak GB | MFU / bandwidth |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
+def print_row(row):
+    ours, hf = row["nanogsm"], row["hf"] or {}
+    if "step_s" in ours:
+        cells = [f"{ours['step_s']:.1f} s/step", "-", "-"]
+    else:
+        cells = [f"{ours['tok_s']:.1f} tok/s", f"{hf['tok_s']:.1f} tok/s" if hf else "-",
+                 f"{ours['tok_s'] / hf['tok_s']:.2f}" if hf else "-"]
+    cells += [f"{ours['peak_gb']:.2f}", f"{hf['peak_gb']:.2f}" if hf else "-"]
+    if "mfu" in row:
+        cells.append(f"MFU {100 * row['mfu']:.1f}%")
+    elif "bandwidth_frac" in ours:
+        cells.append(f"{100 * ours['bandwidth_frac']:.0f}% of bound (HF {100 * hf['bandwidth_frac']:.0f}%)")
+    elif "generate_share" in ours:
+        cells.append(f"{100 * ours['generate_share']:.0f}% generating")
+    else:
+        cells.append("")
+    print(f"| {row['workload']} | {row['variant']} | {row['batch']} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure(json.loads(args.child))))
+    else:
+        main(args)

@@ -1,0 +1,33 @@
+"""The benchmark suite runs end to end on a tiny model (correctness of the plumbing only: no
+timing is asserted anywhere in the tests)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_suite_runs_every_workload_on_a_tiny_model(tiny_with_tokenizer, tmp_path, data_dir):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
+    result = subprocess.run([sys.executable, "-m", "bench.suite", "--model", str(tiny_with_tokenizer), "--batches", "1",
+                             "2", "--prompt-len", "8", "--new-tokens", "4", "--train-batch", "2", "--train-seq", "16",
+                             "--steps", "1", "--ppo-rollouts", "2", "--threads", "1", "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {(r["workload"], r["variant"], r["batch"]): r for r in report["rows"]}
+    assert set(rows) == {("train", v, "2x16") for v in ("full", "full + ckpt", "LoRA", "LoRA + ckpt")} | \
+        {(w, v, b) for w, v in (("prefill", ""), ("decode", "greedy")) for b in ("1", "2")} | \
+        {("ppo", "2 rollouts x 64 tokens, 2 epochs", "2")}
+    for key, row in rows.items():
+        assert row["nanogsm"]["peak_gb"] > 0
+        if key[0] != "ppo" and not key[1].startswith("LoRA"):
+            assert row["hf"]["tok_s"] > 0 and row["nanogsm"]["tok_s"] > 0  # both sides measured
+    assert 0 < rows["train", "full", "2x16"]["mfu"] < 1
+    assert 0 < rows["decode", "greedy", "1"]["nanogsm"]["bandwidth_frac"]
+    assert "bandwidth_frac" not in rows["decode", "greedy", "2"]["nanogsm"]
+    assert 0 < rows["ppo", "2 rollouts x 64 tokens, 2 epochs", "2"]["nanogsm"]["generate_share"] < 1
+    assert "| train | full | 2x16 |" in result.stdout  # the printed table
