@@ -15,12 +15,13 @@ import sys
 import torch
 
 from nanogsm.lora import (DEFAULT_TARGETS, adapter_config, adapter_state, apply_lora,
-                          count_parameters, load_adapter, merge_lora)
+                          count_parameters, load_adapter, load_model, merge_lora)
 from nanogsm.model import Gemma
 from nanogsm.report import progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (collate, eval_em, load_trainer_state, log_step, lr_at, peak_memory_gb, save_checkpoint,
-                           sft_arguments, sft_data, sft_step, start_run)
+                           rank_world, setup_distributed, sft_arguments, sft_data, sft_step, shard_model,
+                           start_run)
 from nanogsm.weights import resolve
 
 parser = sft_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -33,6 +34,7 @@ parser.add_argument("--merge", action="store_true", help="also save the merged f
 
 def main(args):
     # ---- setup
+    world = setup_distributed()[1]  # torchrun: one process per device; plain python: rank 0 of 1
     out, device, autocast, wandb = start_run(args, "lora")
 
     # ---- data
@@ -47,6 +49,8 @@ def main(args):
     else:
         apply_lora(model, args.r, args.alpha, args.lora_dropout, args.targets.split(","))
     model.grad_checkpointing = args.grad_checkpointing
+    if world > 1:
+        shard_model(model, device)
     if args.compile:
         for block in model.layers:
             block.compile()  # in place: parameter names (and checkpoints) unchanged
@@ -92,9 +96,9 @@ def main(args):
         print(f"final: {metrics}")
     save(total_steps, metrics)
     print(f"saved {out}")
-    if args.merge:
+    if args.merge and rank_world()[0] == 0:  # from the saved adapter: the same with one rank or many
         texts = {name: (out / name).read_text() for name in ("tokenizer.json", "args.json", "metrics.json")}
-        merge_lora(model).save_pretrained(out / "merged", text_files=texts)
+        merge_lora(load_model(out)).save_pretrained(out / "merged", text_files=texts)
         print(f"saved the merged model to {out / 'merged'}")
 
 

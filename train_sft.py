@@ -20,7 +20,7 @@ from nanogsm.model import Gemma
 from nanogsm.report import progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (collate, eval_em, load_trainer_state, log_step, lr_at, peak_memory_gb, save_checkpoint,
-                           sft_arguments, sft_data, sft_step, start_run)
+                           setup_distributed, sft_arguments, sft_data, sft_step, shard_model, start_run)
 from nanogsm.weights import resolve
 
 parser = sft_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -28,6 +28,7 @@ parser = sft_arguments(argparse.ArgumentParser(description=__doc__, formatter_cl
 
 def main(args):
     # ---- setup
+    world = setup_distributed()[1]  # torchrun: one process per device; plain python: rank 0 of 1
     out, device, autocast, wandb = start_run(args, "sft")
 
     # ---- data
@@ -38,6 +39,8 @@ def main(args):
     # ---- model and optimizer
     model = Gemma.from_pretrained(out if args.resume else source, dtype=torch.float32, device=device)
     model.grad_checkpointing = args.grad_checkpointing
+    if world > 1:
+        shard_model(model, device)
     if args.compile:
         for block in model.layers:
             block.compile()  # in place: parameter names (and checkpoints) unchanged

@@ -334,11 +334,12 @@ class Gemma(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
 
-    def save_pretrained(self, out_dir, text_files=None, tensor_files=None):
+    def save_pretrained(self, out_dir, text_files=None, tensor_files=None, state=None):
         """Write config.json + model.safetensors (HF names), plus any extra files (tokenizer, run
-        args, optimizer state), atomically via a temp folder."""
+        args, optimizer state), atomically via a temp folder. `state`: tensors to write instead of
+        this module's own (the whole weights gathered from sharded training)."""
         cfg = self.config
-        state = {ours_to_hf(cfg, k): v for k, v in self.state_dict().items()}
+        state = {ours_to_hf(cfg, k): v for k, v in (state or self.state_dict()).items()}
         hf_config = dict(cfg.hf_config, torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."))
         hf_config.pop("dtype", None)
         weights.save_folder(out_dir, {"model.safetensors": state, **(tensor_files or {})},

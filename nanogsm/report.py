@@ -9,8 +9,11 @@ from pathlib import Path
 
 
 def progress(items, total=None, desc=""):
-    """Yield items while drawing a one-line progress bar on stderr."""
+    """Yield items while drawing a one-line progress bar on stderr (rank 0 only under torchrun)."""
     total = total if total is not None else len(items)
+    if os.environ.get("RANK", "0") != "0":
+        yield from items
+        return
     start = time.perf_counter()
     for i, item in enumerate(items):
         yield item

@@ -1,7 +1,9 @@
 """What the training scripts share: device choice, SFT examples and batching, the token loss, the
 LR schedule, step logging, and checkpoints that resume exactly. Plain functions, no trainer class."""
+import atexit
 import json
 import math
+import os
 import random
 import resource
 import shutil
@@ -10,7 +12,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanogsm import weights
 from nanogsm.gsm8k import evaluate, load_gsm8k, seeded_subset
@@ -23,6 +27,45 @@ def pick_device():
     print(f"device {device}" + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else
                                 f" ({torch.get_num_threads()} threads)"))
     return device
+
+
+# ---- several processes (torchrun) ---------------------------------------------------------------
+
+def setup_distributed():
+    """Under `torchrun` (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and
+    return (rank, world). Ranks other than 0 print nothing. Plain `python` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    atexit.register(dist.destroy_process_group)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the life of the process)
+    return dist.get_rank(), world
+
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def shard_model(model, device):
+    """FSDP2 (PyTorch's `fully_shard`): each block, then the rest (embedding = tied head, final
+    norm), is sharded over the ranks, so parameters, gradients and AdamW state take 1/world of
+    their size on each. A block's full weights exist only while it computes. On CUDA the shards
+    are gathered in bf16 and gradients reduced in fp32; the fp32 master weights stay sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device == "cuda"
+          else MixedPrecisionPolicy())
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def full(tensor):
+    """A sharded tensor (DTensor) gathered whole (a collective: every rank calls it); others as is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def sft_arguments(parser):
@@ -114,6 +157,10 @@ def length_grouped_batches(lengths, batch_size, seed, epoch, group=64):
 def sft_data(tok, args):
     """Tokenized examples and the micro-batches of the whole run, in order (index lists), plus
     the number of optimizer steps. Prints the truncation count and the padding fraction."""
+    world = rank_world()[1]
+    if args.grad_accum % world:
+        raise ValueError(f"--grad-accum {args.grad_accum} must be a multiple of the {world} ranks: each rank takes "
+                         "grad_accum / world of a step's micro-batches")
     records = load_gsm8k(args.data, "train", args.data_dir)
     if args.max_examples:
         records = seeded_subset(records, min(args.max_examples, len(records)), args.seed)
@@ -143,15 +190,21 @@ def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
     long ones, and would change with the micro-batch split.
     """
     t0 = time.perf_counter()
-    n_tokens = sum(n_target_tokens(labels) for _, labels in batches)
+    rank, world = rank_world()
+    n_tokens = sum(n_target_tokens(labels) for _, labels in batches)  # of the whole step, all ranks
+    mine = batches[rank::world]  # under torchrun each rank takes its share of the micro-batches
     loss_sum = torch.zeros((), device=device)
-    for input_ids, labels in batches:
+    for i, (input_ids, labels) in enumerate(mine):
+        if world > 1:  # FSDP: reduce-scatter the gradients once, after the rank's last micro-batch
+            model.set_requires_gradient_sync(i == len(mine) - 1)
         with autocast:
             loss = token_loss_sum(model, input_ids.to(device), labels.to(device)) / n_tokens
-        loss.backward()
+        (loss * world).backward()  # FSDP averages gradients over ranks; this loss is already global
         loss_sum += loss.detach()  # no .item() here: one host-device sync per step, below
+    if world > 1:
+        dist.all_reduce(loss_sum)
     params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    grad_norm = full(torch.nn.utils.clip_grad_norm_(params, clip))  # of the whole gradient, all shards
     loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"loss is {loss_sum}")
@@ -264,7 +317,10 @@ def peak_memory_gb(device):
 
 def log_step(out_dir, record, wandb=None):
     """One line with fixed fields to stdout, the same record appended to out_dir/log.jsonl. On a
-    terminal the line first clears the progress bar that `report.progress` draws on stderr."""
+    terminal the line first clears the progress bar that `report.progress` draws on stderr.
+    Under torchrun only rank 0 logs."""
+    if rank_world()[0] != 0:
+        return
     print("\r\033[K" if sys.stdout.isatty() else "", end="")
     print(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
     with open(Path(out_dir) / "log.jsonl", "a") as f:
@@ -281,13 +337,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config
 def prepare_out_dir(out_dir, resume, overwrite):
     """Refuse to clobber a previous run unless asked; returns the Path."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not resume:
-        if not overwrite:
-            raise ValueError(f"--out {out_dir} exists; pass --resume to continue it or --overwrite to replace it")
-        shutil.rmtree(out_dir)
+    if out_dir.exists() and not resume and not overwrite:
+        raise ValueError(f"--out {out_dir} exists; pass --resume to continue it or --overwrite to replace it")
     if resume and not (out_dir / "trainer_state.json").is_file():
         raise ValueError(f"--resume: {out_dir} has no trainer_state.json to resume from")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has checked before rank 0 changes anything
+    if rank_world()[0] == 0:
+        if out_dir.exists() and not resume:
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()  # the folder is ready for every rank
     return out_dir
 
 
@@ -296,19 +357,25 @@ def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metric
     """An HF-style folder: config.json, model.safetensors, the tokenizer files of the source
     checkpoint, args.json, metrics.json; plus optimizer.safetensors and trainer_state.json to
     resume. With `adapter` (tensors, config): adapter.safetensors + adapter_config.json instead of
-    the full model; extra_tensors: more safetensors files (name -> state). Written to a temp folder and renamed, so a crash never leaves half a checkpoint."""
+    the full model; extra_tensors: more safetensors files (name -> state). Written to a temp folder
+    and renamed, so a crash never leaves half a checkpoint. Under torchrun every rank calls it: the
+    shards are gathered into whole tensors, rank 0 writes the same single folder as one process."""
+    state = {k: full(v) for k, v in model.state_dict().items()} if adapter is None else None
+    adapter = None if adapter is None else ({k: full(v) for k, v in adapter[0].items()}, adapter[1])
+    opt_tensors, opt_meta = flatten_optimizer(optimizer)
+    if rank_world()[0] != 0:
+        return
     out_dir, source_folder = Path(out_dir), Path(source_folder)
     texts = {name: (source_folder / name).read_text() for name in TOKENIZER_FILES if (source_folder / name).is_file()}
     log = out_dir / "log.jsonl"
     if log.is_file():
         texts["log.jsonl"] = log.read_text()
-    opt_tensors, opt_meta = flatten_optimizer(optimizer)
     texts["args.json"] = json.dumps(vars(args), indent=2, default=str)
     texts["metrics.json"] = json.dumps(metrics or {}, indent=2)
     texts["trainer_state.json"] = json.dumps({"step": step, "optimizer": opt_meta}, indent=2)
     tensors = {"optimizer.safetensors": {**opt_tensors, "torch_rng": torch.get_rng_state()}, **(extra_tensors or {})}
     if adapter is None:
-        model.save_pretrained(out_dir, text_files=texts, tensor_files=tensors)
+        model.save_pretrained(out_dir, text_files=texts, tensor_files=tensors, state=state)
     else:
         state, config = adapter
         texts["adapter_config.json"] = json.dumps(config, indent=2)
@@ -316,9 +383,10 @@ def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metric
 
 
 def flatten_optimizer(optimizer):
-    """Optimizer state dict -> (flat tensors for safetensors, JSON-able rest). No pickles."""
+    """Optimizer state dict -> (flat tensors for safetensors, JSON-able rest). No pickles. Sharded
+    state is gathered whole, so any number of ranks can resume it."""
     sd = optimizer.state_dict()
-    tensors = {f"state.{i}.{k}": v for i, s in sd["state"].items() for k, v in s.items()}
+    tensors = {f"state.{i}.{k}": full(v) for i, s in sd["state"].items() for k, v in s.items()}
     return tensors, {"param_groups": sd["param_groups"], "state_keys": {str(i): list(s) for i, s in sd["state"].items()}}
 
 
@@ -328,7 +396,16 @@ def load_trainer_state(out_dir, optimizer):
     state = json.loads((out_dir / "trainer_state.json").read_text())
     tensors = load_file(out_dir / "optimizer.safetensors")
     meta = state["optimizer"]
-    opt_state = {int(i): {k: tensors[f"state.{i}.{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    opt_state = {int(i): {k: shard_like(tensors[f"state.{i}.{k}"], params[int(i)]) for k in keys}
+                 for i, keys in meta["state_keys"].items()}
     optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["torch_rng"])
     return state["step"]
+
+
+def shard_like(tensor, param):
+    """A whole saved state tensor cut into this rank's shard when its parameter is sharded."""
+    if isinstance(param, DTensor) and tensor.shape == param.shape:
+        return distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+    return tensor

@@ -1,0 +1,69 @@
+"""torchrun with FSDP2 on CPU (gloo, 2 processes): the same loss and weights as one process over
+the same global batch, and checkpoints that resume on a different number of ranks."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).parents[1]
+
+
+def launch(script, nproc, out, model, data_dir, *extra):
+    args = [script, "--model", str(model), "--max-examples", "16", "--batch-size", "2", "--grad-accum", "2",
+            "--max-seq-length", "256", "--lr", "1e-3", "--warmup-frac", "0", "--eval-n", "0", "--out", str(out),
+            *map(str, extra)]
+    cmd = [sys.executable, *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(out, key="loss"):
+    return [r[key] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if key in r]
+
+
+def assert_same_run(a, b, weights):
+    torch.testing.assert_close(losses(a), losses(b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(losses(a, "grad_norm"), losses(b, "grad_norm"), atol=1e-5, rtol=1e-4)
+    wa, wb = load_file(a / weights), load_file(b / weights)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("script, weights", [("train_sft.py", "model.safetensors"),
+                                             ("train_lora.py", "adapter.safetensors")])
+def test_two_ranks_equal_one_process(script, weights, tiny_with_tokenizer, tmp_path, data_dir):
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(script, 1, one, tiny_with_tokenizer, data_dir)
+    result = launch(script, 2, two, tiny_with_tokenizer, data_dir)
+    assert len(losses(two)) == 4 and result.stdout.count("step 1 |") == 1  # logged once, by rank 0
+    assert_same_run(one, two, weights)
+    first = losses(one)[0]
+    assert abs(first - losses(two)[0]) < 1e-5 and losses(one)[-1] < first  # it trained
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_checkpoint_resumes_on_another_number_of_ranks(first, then, tiny_with_tokenizer, tmp_path, data_dir):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    launch("train_sft.py", 1, straight, tiny_with_tokenizer, data_dir)
+    launch("train_sft.py", first, resumed, tiny_with_tokenizer, data_dir, "--stop-after-steps", 2)
+    assert json.loads((resumed / "trainer_state.json").read_text())["step"] == 2
+    launch("train_sft.py", then, resumed, tiny_with_tokenizer, data_dir, "--resume")
+    assert_same_run(straight, resumed, "model.safetensors")
+
+
+def test_grad_accum_must_split_over_the_ranks(tiny_with_tokenizer, tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_sft.py",
+           "--model", str(tiny_with_tokenizer), "--max-examples", "16", "--batch-size", "2", "--grad-accum", "3",
+           "--eval-n", "0", "--out", str(tmp_path / "x")]
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode != 0 and "--grad-accum 3 must be a multiple of the 2 ranks" in result.stderr
