@@ -50,14 +50,17 @@ def test_two_ranks_equal_one_process(script, weights, tiny_with_tokenizer, tmp_p
     assert abs(first - losses(two)[0]) < 1e-5 and losses(one)[-1] < first  # it trained
 
 
-@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
-def test_checkpoint_resumes_on_another_number_of_ranks(first, then, tiny_with_tokenizer, tmp_path, data_dir):
+@pytest.mark.parametrize("script, weights, first, then", [("train_sft.py", "model.safetensors", 2, 1),
+                                                          ("train_sft.py", "model.safetensors", 1, 2),
+                                                          ("train_lora.py", "adapter.safetensors", 2, 1)])
+def test_checkpoint_resumes_on_another_number_of_ranks(script, weights, first, then, tiny_with_tokenizer, tmp_path,
+                                                       data_dir):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    launch("train_sft.py", 1, straight, tiny_with_tokenizer, data_dir)
-    launch("train_sft.py", first, resumed, tiny_with_tokenizer, data_dir, "--stop-after-steps", 2)
+    launch(script, 1, straight, tiny_with_tokenizer, data_dir)
+    launch(script, first, resumed, tiny_with_tokenizer, data_dir, "--stop-after-steps", 2)
     assert json.loads((resumed / "trainer_state.json").read_text())["step"] == 2
-    launch("train_sft.py", then, resumed, tiny_with_tokenizer, data_dir, "--resume")
-    assert_same_run(straight, resumed, "model.safetensors")
+    launch(script, then, resumed, tiny_with_tokenizer, data_dir, "--resume")
+    assert_same_run(straight, resumed, weights)
 
 
 def test_grad_accum_must_split_over_the_ranks(tiny_with_tokenizer, tmp_path, data_dir):
