@@ -4,6 +4,7 @@
     python train_ppo.py --init ckpt/sft-270m --rollouts 32 --ppo-batch 16 --steps 10 --max-new-tokens 160   # CPU
     python train_ppo.py --init ckpt/sft-main --algo grpo --group-size 8
     python train_ppo.py --init ckpt/sft-main --lora                # policy trains LoRA adapters
+    torchrun --nproc_per_node=8 train_ppo.py --init ckpt/sft-main   # data-parallel over 8 GPUs
 
 Algorithm, per step (PPO with a learned critic as used for RLHF: Schulman et al. 2017; Ziegler et
 al. 2019; Ouyang et al. 2022):
@@ -23,7 +24,10 @@ al. 2019; Ouyang et al. 2022):
     clipped value loss - ent_coef x entropy, token-level normalised, grad-norm clipped, AdamW.
 Batch arithmetic (the study's numbers): 512 rollouts per step are generated and scored in chunks
 of `--ppo-batch` 32 sequences; an optimizer step takes minibatch 2 x grad_accum 8 = 16 sequences,
-so one PPO epoch is 32 optimizer steps and a PPO step (2 epochs) is 64.
+so one PPO epoch is 32 optimizer steps and a PPO step (2 epochs) is 64. Under torchrun with N
+ranks the same numbers are global: rank r generates and scores chunks r, r + N, ...; every rank
+then holds the whole batch (advantages see all of it) and takes 1/N of each step's micro-batches;
+gradients are summed over ranks. One process and N processes compute the same update.
 
 Deviations from the textbook: the value head is a linear layer on the policy's final hidden state
 (shared trunk, not a separate critic: ~0 extra memory, but policy and value gradients mix in the
@@ -37,6 +41,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 
 from nanogsm.generate import generate
@@ -47,7 +52,7 @@ from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advant
 from nanogsm.report import progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (eval_em, load_trainer_state, log_step, peak_memory_gb, pick_device, prepare_out_dir,
-                           save_checkpoint, seed_everything)
+                           save_checkpoint, seed_everything, setup_distributed)
 from nanogsm.weights import resolve
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,11 +94,14 @@ parser.add_argument("--overwrite", action="store_true", help="replace an existin
 
 def main(args):
     # ---- setup: every check before any compute
+    rank, world = setup_distributed()  # torchrun: data-parallel (one full policy per rank); python: 0 of 1
     k = args.group_size or (8 if args.algo == "grpo" else 1)
     for name, divisor in (("--ppo-batch", args.ppo_batch), ("--minibatch x --grad-accum", args.minibatch * args.grad_accum),
-                          ("--group-size", k)):
+                          ("--group-size", k), (f"--ppo-batch x {world} ranks", args.ppo_batch * world)):
         if args.rollouts % divisor:
             raise ValueError(f"--rollouts {args.rollouts} is not divisible by {name} ({divisor})")
+    if args.grad_accum % world:
+        raise ValueError(f"--grad-accum {args.grad_accum} must be a multiple of the {world} ranks")
     if args.algo == "grpo" and k < 2:
         raise ValueError("--algo grpo needs --group-size >= 2 (advantages are relative within a group)")
     source = resolve(args.init)
@@ -147,12 +155,19 @@ def main(args):
         picked = [r for r in picked for _ in range(k)]  # k consecutive samples per prompt
         prompts = [tok.encode(build_prompt(r["question"], "zero-shot")) for r in picked]
         model.eval()
-        responses = []
+        chunks = range(0, len(prompts), args.ppo_batch)  # under torchrun, rank r generates chunks r, r + N, ...
+        mine = {}
         with autocast:
-            for i in range(0, len(prompts), args.ppo_batch):
-                responses += generate(model, prompts[i:i + args.ppo_batch], args.max_new_tokens,
-                                      temperature=args.temperature, stop_ids=tok.stop_ids,
-                                      seed=args.seed * 1_000_003 + step * 1000 + i)
+            for c, i in enumerate(chunks):
+                if c % world == rank:
+                    mine[i] = generate(model, prompts[i:i + args.ppo_batch], args.max_new_tokens,
+                                       temperature=args.temperature, stop_ids=tok.stop_ids,
+                                       seed=args.seed * 1_000_003 + step * 1000 + i)
+        everyone = [mine]
+        if world > 1:  # every rank gets every response (token lists), in chunk order
+            everyone = [None] * world
+            dist.all_gather_object(everyone, mine)
+        responses = [r for i in chunks for part in everyone if i in part for r in part[i]]
         texts = [tok.decode(r) for r in responses]
         scores = torch.tensor([(1.0 if same_number(extract_answer(t), r["gold"]) else args.wrong_reward) +
                                (args.format_bonus if extract_answer(t) is not None else 0.0)
@@ -161,15 +176,19 @@ def main(args):
 
         # 3. old log-probs, values, reference log-probs (no grad), in chunks of ppo_batch
         input_ids, resp_pos, resp_tokens, mask = pack(prompts, responses, tok.pad_id)
-        chunks = {"old_logprobs": [], "old_values": [], "ref_logprobs": []}
+        batch = {name: torch.zeros(mask.shape, device=device) for name in ("old_logprobs", "old_values", "ref_logprobs")}
         with torch.no_grad(), autocast:
-            for i in range(0, len(prompts), args.ppo_batch):
+            for c, i in enumerate(chunks):  # each rank scores the chunks it generated
+                if c % world != rank:
+                    continue
                 part = [t[i:i + args.ppo_batch].to(device) for t in (input_ids, resp_pos, resp_tokens)]
                 logprobs, values, _ = score_responses(model, value_head, *part)
-                chunks["old_logprobs"].append(logprobs.float())
-                chunks["old_values"].append(values.float())
-                chunks["ref_logprobs"].append(reference_logprobs(*part).float())
-        batch = {name: torch.cat(parts) for name, parts in chunks.items()}
+                batch["old_logprobs"][i:i + args.ppo_batch] = logprobs.float()
+                batch["old_values"][i:i + args.ppo_batch] = values.float()
+                batch["ref_logprobs"][i:i + args.ppo_batch] = reference_logprobs(*part).float()
+        if world > 1:  # other ranks' rows are zeros here: the sum over ranks is the whole batch
+            for t in batch.values():
+                dist.all_reduce(t)
         batch.update(input_ids=input_ids.to(device), resp_pos=resp_pos.to(device), resp_tokens=resp_tokens.to(device),
                      mask=mask.to(device))
         mask, scores = batch["mask"], scores.to(device)
@@ -203,7 +222,7 @@ def main(args):
                   "time/generate_s": t_gen, "time/train_s": time.perf_counter() - t1,
                   "peak_mem_gb": peak_memory_gb(device)}
         log_step(out, record)
-        if args.eval_every and (step + 1) % args.eval_every == 0:
+        if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0:
             metrics = eval_em(model, tok, args.eval_n, args.data_dir, autocast)
             log_step(out, {"step": step + 1, **metrics})
         if args.save_every and (step + 1) % args.save_every == 0:

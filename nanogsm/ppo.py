@@ -7,6 +7,7 @@ Ouyang et al. 2022 (per-token KL penalty in the reward); Shao et al. 2024 (GRPO)
 "Approximating KL divergence" note for the k1/k3 estimators.
 """
 import torch
+import torch.distributed as dist
 
 
 def masked_mean(x, mask, n=None):
@@ -155,6 +156,7 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
     """
     N = batch["mask"].shape[0]
     step_size = minibatch * grad_accum
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = batch["mask"].device
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
     generator = torch.Generator().manual_seed(seed)
@@ -165,7 +167,7 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
         for start in range(0, N, step_size):
             rows = order[start:start + step_size]
             n_tokens = batch["mask"][rows].sum().clamp(min=1)
-            for micro in rows.split(minibatch):
+            for micro in rows.split(minibatch)[rank::world]:  # under torchrun: this rank's share
                 mb = {k: v[micro] for k, v in batch.items()}
                 with autocast or torch.autocast("cpu", enabled=False):
                     logprobs, values, logits = score_responses(model, value_head, mb["input_ids"], mb["resp_pos"],
@@ -188,10 +190,18 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
                 stats["entropy"].append(ent.item() * scale)
                 stats["approx_kl"].append(approx_kl.item())
                 stats["policy_clip_frac"].append(pg_clip.item())
+            if world > 1:  # each rank's loss is already divided by the whole step's token count: sum them
+                for p in params:
+                    dist.all_reduce(p.grad)
             stats["grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items() if v}
+    sums = torch.tensor([sum(v) for v in stats.values()], dtype=torch.float64)
+    counts = torch.tensor([len(v) for v in stats.values()], dtype=torch.float64)
+    if world > 1:  # means over every rank's micro-batches
+        dist.all_reduce(sums)
+        dist.all_reduce(counts)
+    return {k: (s / c).item() for k, s, c in zip(stats, sums, counts) if c}
 
 
 def explained_variance(values, returns, mask):

@@ -70,3 +70,28 @@ def test_grad_accum_must_split_over_the_ranks(tiny_with_tokenizer, tmp_path, dat
     env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode != 0 and "--grad-accum 3 must be a multiple of the 2 ranks" in result.stderr
+
+
+@pytest.mark.parametrize("algo", [["--algo", "ppo"], ["--algo", "grpo", "--group-size", "2"]])
+def test_data_parallel_ppo_equals_one_process(algo, tiny_with_tokenizer, tmp_path, data_dir):
+    """Each rank generates and scores half of the rollouts and trains on half of each optimizer
+    step's micro-batches; gradients are summed over ranks: the same update as one process."""
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"ppo{nproc}"
+        args = ["train_ppo.py", "--init", str(tiny_with_tokenizer), "--out", str(out), "--steps", "2", "--rollouts", "8",
+                "--ppo-batch", "2", "--minibatch", "2", "--grad-accum", "2", "--max-new-tokens", "6", "--lr", "1e-4",
+                "--save-every", "0", *algo]
+        cmd = [sys.executable, *args] if nproc == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+        env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir), OMP_NUM_THREADS="1")
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[nproc] = out
+    for key in ("rollout/response_len", "rollout/kl_ref", "loss/policy", "loss/entropy", "params/grad_norm"):
+        torch.testing.assert_close(losses(runs[1], key), losses(runs[2], key), atol=1e-5, rtol=1e-4, msg=key)
+    files = ["model.safetensors"] + (["value_head.safetensors"] if "ppo" in algo else [])
+    for name in files:
+        a, b = load_file(runs[1] / name), load_file(runs[2] / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
