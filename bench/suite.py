@@ -144,18 +144,16 @@ def measure(job):
         t_gen = best_time(run, device, 1)  # one warm-up run, one timed
         result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_gb(device)}
         if B == 1:
-            result["bandwidth_frac"] = bandwidth_bound(model if side == "nanogsm" else None, folder, dtype, P, N,
-                                                      device) / ((t_gen - t_prefill) / N)
+            n_params = sum(p.numel() for p in model.parameters())
+            result["bandwidth_frac"] = bandwidth_bound(n_params, folder, dtype, P, N, device) / ((t_gen - t_prefill) / N)
         return result
 
 
-def bandwidth_bound(model, folder, dtype, P, N, device):
+def bandwidth_bound(n_params, folder, dtype, P, N, device):
     """Seconds per decode step if it only read the weights and the mean KV cache at the measured
     copy bandwidth of this device."""
-    from nanogsm.model import Gemma
-    model = model or Gemma.from_pretrained(folder, dtype=dtype, device=device)
-    cfg, size = model.config, torch.finfo(dtype).bits // 8
-    weight_bytes = sum(p.numel() for p in model.parameters()) * size
+    from nanogsm.model import GemmaConfig
+    cfg, size = GemmaConfig.from_json(Path(folder) / "config.json"), torch.finfo(dtype).bits // 8
     context = P + N / 2
     windows = [cfg.sliding_window if kind == "sliding_attention" else None for kind in cfg.layer_types]
     kv_bytes = sum(2 * cfg.num_kv_heads * cfg.head_dim * size * min(context, w or context) for w in windows)
@@ -163,7 +161,7 @@ def bandwidth_bound(model, folder, dtype, P, N, device):
     dst = torch.empty_like(src)
     t = best_time(lambda: dst.copy_(src), device, 5)
     bandwidth = 2 * src.numel() / t  # bytes read + written per second
-    return (weight_bytes + kv_bytes) / bandwidth
+    return (n_params * size + kv_bytes) / bandwidth
 
 
 def ppo_step(folder, args):
