@@ -6,6 +6,7 @@
     python evaluate.py --model google/gemma-2b-it --samples 8 --temperature 0.7   # maj@8 and pass@8
     python evaluate.py --compare runs/base.jsonl runs/sft.jsonl       # paired error analysis
     python evaluate.py --model ckpt/lora-270m --heldout --n 128       # train problems it did not see
+    python evaluate.py --model ckpt/lora-270m --heldout --n 128 --answer-loss   # their gold answers' loss
 
 Strict exact match (the number after '####' equals the gold number) is the score; the flexible
 score (last number in the text) is printed next to it, never mixed in.
@@ -41,6 +42,9 @@ parser.add_argument("--full", action="store_true", help="all 1,319 test problems
 parser.add_argument("--heldout", action="store_true",
                     help="score --n train problems outside the model's --max-examples training subset "
                          "(read from its args.json) instead of test: for choosing hyperparameters")
+parser.add_argument("--answer-loss", action="store_true",
+                    help="instead of generating: the teacher-forced loss of the gold answers (nats/token), "
+                         "finer than EM for comparing checkpoints")
 parser.add_argument("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
 parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per answer")
@@ -85,6 +89,20 @@ def heldout_records(folder, args):
     return records
 
 
+@torch.no_grad()
+def answer_loss(model, tok, records, batch_size, device):
+    """Mean next-token loss of `Question: <q>\nAnswer: <gold answer><eos>` over the answer tokens:
+    the SFT objective on these problems."""
+    from nanogsm.train import collate, n_target_tokens, sft_example, token_loss_sum
+    total, n_tokens = 0.0, 0
+    for i in range(0, len(records), batch_size):
+        examples = [sft_example(tok, r["question"], r["answer"], 1024)[:2] for r in records[i:i + batch_size]]
+        input_ids, labels = collate(examples, tok.pad_id)
+        total += token_loss_sum(model, input_ids.to(device), labels.to(device)).item()
+        n_tokens += n_target_tokens(labels)
+    return total / n_tokens, n_tokens
+
+
 def main(args):
     if args.compare:
         return compare(*args.compare)
@@ -106,6 +124,10 @@ def main(args):
               ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
     tok = Tokenizer.from_pretrained(source)
     model = load_model(source, dtype=dtype, device=device)
+    if args.answer_loss:
+        loss, n_tokens = answer_loss(model, tok, records, args.batch_size, device)
+        print(f"answer loss {loss:.4f} nats/token over {n_tokens} gold-answer tokens of {len(records)} problems")
+        return
     chat = args.chat == "on" or (args.chat == "auto" and "-it" in str(args.model))
     strategies = STRATEGIES if args.prompt == "all" else [args.prompt]
     summaries = []

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanogsm.gsm8k import seeded_subset, load_gsm8k
 from nanogsm.report import mcnemar_exact, wilson_interval
@@ -66,6 +67,26 @@ def test_heldout_scores_train_problems_the_run_did_not_see(tmp_path, tiny_with_t
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and not trained & {r["id"] for r in rows}
     assert [r["question"] for r in rows] == [train[r["id"]]["question"] for r in rows]  # train, not test
+
+
+def test_answer_loss_equals_hf_loss_on_the_gold_answers(tiny_with_tokenizer, data_dir):
+    import transformers
+    from nanogsm.tokenizer import Tokenizer
+    result = run("--model", str(tiny_with_tokenizer), "--n", "3", "--answer-loss", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    ours = float(result.stdout.split("answer loss ")[1].split()[0])
+    tok = Tokenizer.from_pretrained(tiny_with_tokenizer)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_with_tokenizer, dtype=torch.float32)
+    total, count = 0.0, 0
+    for r in seeded_subset(load_gsm8k("main", "test", data_dir), 3):
+        prompt = tok.encode(f"Question: {r['question']}\nAnswer:")
+        target = tok.encode(" " + r["answer"], bos=False) + [tok.eos_id]
+        ids = torch.tensor([prompt + target])
+        labels = torch.tensor([[-100] * len(prompt) + target])
+        with torch.no_grad():
+            total += hf(input_ids=ids, labels=labels).loss.item() * len(target)  # HF: mean over shifted labels
+        count += len(target)
+    assert ours == pytest.approx(total / count, abs=1e-4)
 
 
 def test_compare_counts_and_mcnemar(tmp_path):
