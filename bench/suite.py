@@ -47,6 +47,8 @@ parser.add_argument("--prompt-len", type=int, default=128, help="prefill/decode 
 parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens per row")
 parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
 parser.add_argument("--train-seq", type=int, default=192, help="tokens per training sequence")
+parser.add_argument("--train-variants", nargs="+", default=["full", "full+ckpt", "lora", "lora+ckpt"],
+                    choices=["full", "full+ckpt", "lora", "lora+ckpt"], help="training rows to run")
 parser.add_argument("--steps", type=int, default=3, help="timed repeats after one warm-up (best is reported)")
 parser.add_argument("--ppo-rollouts", type=int, default=16, help="rollouts of the reduced PPO step (even)")
 parser.add_argument("--dtype", help="bfloat16 (autocast in training, bf16 weights in inference) or float32; "
@@ -235,16 +237,15 @@ def main(args):
           f"threads {args.threads} | {name} | {dtype} | MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     print(HEADER, flush=True)
     if "train" in args.only:
-        for lora in (False, True):
-            for ckpt in (False, True):
-                job = {**base, "work": "train", "lora": lora, "ckpt": ckpt, "batch": args.train_batch,
-                       "seq": args.train_seq}
-                ours = run_child({**job, "side": "nanogsm"})
-                hf = None if lora else run_child({**job, "side": "hf"})
-                rows.append({"workload": "train", "variant": f"{'LoRA' if lora else 'full'}"
-                             f"{' + ckpt' if ckpt else ''}", "batch": f"{args.train_batch}x{args.train_seq}",
-                             "nanogsm": ours, "hf": hf, "mfu": ours["flops_per_s"] / peak})
-                print_row(rows[-1])
+        for variant in args.train_variants:
+            lora, ckpt = variant.startswith("lora"), variant.endswith("+ckpt")
+            job = {**base, "work": "train", "lora": lora, "ckpt": ckpt, "batch": args.train_batch, "seq": args.train_seq}
+            ours = run_child({**job, "side": "nanogsm"})
+            hf = None if lora else run_child({**job, "side": "hf"})
+            rows.append({"workload": "train", "variant": f"{'LoRA' if lora else 'full'}{' + ckpt' if ckpt else ''}",
+                         "batch": f"{args.train_batch}x{args.train_seq}", "nanogsm": ours, "hf": hf,
+                         "mfu": ours["flops_per_s"] / peak})
+            print_row(rows[-1])
     for work in ("prefill", "decode"):
         if work in args.only:
             for batch in args.batches:
