@@ -9,6 +9,8 @@ Ouyang et al. 2022 (per-token KL penalty in the reward); Shao et al. 2024 (GRPO)
 import torch
 import torch.distributed as dist
 
+from nanogsm.train import rank_world
+
 
 def masked_mean(x, mask, n=None):
     """Mean over masked entries; with n, the masked sum divided by n (a count over a larger batch)."""
@@ -156,7 +158,7 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
     """
     N = batch["mask"].shape[0]
     step_size = minibatch * grad_accum
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     device = batch["mask"].device
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
     generator = torch.Generator().manual_seed(seed)

@@ -252,7 +252,10 @@ def token_loss_sum(model, input_ids, labels, chunk=1024):
     hidden = model(input_ids, head=False)[:, :-1]  # (B, T-1, d): position t predicts token t+1
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    return HeadLoss.apply(hidden[keep], model.embed_tokens.weight, targets[keep], model.config.final_softcap, chunk)
+    weight = model.embed_tokens.weight
+    if not torch.is_grad_enabled():  # evaluation: detached inputs tell HeadLoss to skip the gradients
+        hidden, weight = hidden.detach(), weight.detach()
+    return HeadLoss.apply(hidden[keep], weight, targets[keep], model.config.final_softcap, chunk)
 
 
 class HeadLoss(torch.autograd.Function):

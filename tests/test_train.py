@@ -219,3 +219,21 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(hf_checkpoint):
     for a, b in zip(comp_grads, eager_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert all(b._compiled_call_impl is not None for b in model.layers)  # really compiled
+
+
+def test_head_loss_under_no_grad_computes_no_gradients(hf_checkpoint):
+    """Evaluation (`evaluate.py --answer-loss`) gets the same loss without the gradient work."""
+    from nanogsm.train import HeadLoss
+    model = Gemma.from_pretrained(hf_checkpoint("gemma")[1])
+    ids, labels = collate(random_examples(2), 0)
+    calls = []
+    original = HeadLoss.forward
+    HeadLoss.forward = staticmethod(lambda ctx, *a: calls.append(ctx.needs_input_grad[:2]) or original(ctx, *a))
+    try:
+        with torch.no_grad():
+            evaluated = token_loss_sum(model, ids, labels)
+        trained = token_loss_sum(model, ids, labels)
+    finally:
+        HeadLoss.forward = staticmethod(original)
+    assert calls == [(False, False), (True, True)]
+    torch.testing.assert_close(evaluated, trained.detach())
