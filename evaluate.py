@@ -18,16 +18,8 @@ from pathlib import Path
 
 import torch
 
-from nanogsm.gsm8k import (
-    STRATEGIES,
-    SUBSET_SEED,
-    SUBSET_SIZE,
-    evaluate,
-    heldout_subset,
-    load_gsm8k,
-    seeded_subset,
-    summarize,
-)
+from nanogsm.gsm8k import (STRATEGIES, SUBSET_SEED, SUBSET_SIZE, evaluate, heldout_subset, load_gsm8k,
+                           seeded_subset, summarize)
 from nanogsm.lora import load_model
 from nanogsm.report import mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
