@@ -74,9 +74,10 @@ def heldout_records(folder, args):
     if not run.get("max_examples"):
         raise ValueError(f"--heldout needs a run trained on a --max-examples subset; {path} "
                          "has no max_examples (a run on all of train has no held-out train problems)")
-    train = load_gsm8k(run.get("data", args.config), "train", args.data_dir)
+    config = run.get("data", args.config)
+    train = load_gsm8k(config, "train", args.data_dir)
     records = heldout_subset(train, run["max_examples"], run["seed"], None if args.full else args.n)
-    print(f"GSM8K {run.get('data', args.config)}/train held out: {len(records)} problems outside the "
+    print(f"GSM8K {config}/train held out: {len(records)} problems outside the "
           f"run's {run['max_examples']} training examples (seed {run['seed']})")
     return records
 

@@ -76,14 +76,10 @@ def best_time(fn, device, repeats):
     return min(times)
 
 
-def peak_gb(device):
-    from nanogsm.train import peak_memory_gb
-    return peak_memory_gb(device)
-
-
 def measure(job):
     """Runs in the child process: one workload on one side; returns a dict of numbers."""
     from nanogsm.model import Gemma
+    from nanogsm.train import peak_memory_gb
     torch.set_num_threads(job["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bf16 = job["dtype"] == "bfloat16"
@@ -118,7 +114,7 @@ def measure(job):
         t = best_time(step, device, job["steps"])
         n_params = sum(p.numel() for p in model.parameters())
         flops = (4 if job["lora"] else 6) * n_params * x.numel()
-        return {"tok_s": x.numel() / t, "peak_gb": peak_gb(device), "flops_per_s": flops / t}
+        return {"tok_s": x.numel() / t, "peak_gb": peak_memory_gb(device), "flops_per_s": flops / t}
     dtype = torch.bfloat16 if bf16 else torch.float32
     B, P, N = job["batch"], job["prompt_len"], job["new_tokens"]
     prompts = torch.randint(0, 32000, (B, P), generator=gen)
@@ -142,9 +138,9 @@ def measure(job):
                                          min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
                                          **kwargs)
         if work == "prefill":
-            return {"tok_s": B * P / t_prefill, "peak_gb": peak_gb(device)}
+            return {"tok_s": B * P / t_prefill, "peak_gb": peak_memory_gb(device)}
         t_gen = best_time(run, device, 1)  # one warm-up run, one timed
-        result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_gb(device)}
+        result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_memory_gb(device)}
         if B == 1:
             n_params = sum(p.numel() for p in model.parameters())
             result["bandwidth_frac"] = bandwidth_bound(n_params, folder, dtype, P, N, device) / ((t_gen - t_prefill) / N)
