@@ -47,6 +47,8 @@ parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (
 parser.add_argument("--seed", type=int, default=0, help="sampling seed")
 parser.add_argument("--calculator", action="store_true", help="compute <<expr= annotations and force the result")
 parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
+parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block: fused kernels in "
+                                                           "prefill and decode steps (slow to start)")
 parser.add_argument("--out", help="JSONL file, one row per problem (with --prompt all: one file per strategy)")
 parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two --out files")
 
@@ -117,6 +119,8 @@ def main(args):
               ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
     tok = Tokenizer.from_pretrained(source)
     model = load_model(source, dtype=dtype, device=device)
+    for block in model.layers if args.compile else ():
+        block.compile()  # in place; on CUDA each decode step is then recorded with the compiled kernels
     if args.answer_loss:
         loss, n_tokens = answer_loss(model, tok, records, args.batch_size, device)
         print(f"answer loss {loss:.4f} nats/token over {n_tokens} gold-answer tokens of {len(records)} problems")

@@ -11,16 +11,20 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
            peak FLOP/s with model FLOPs = 6 x params x tokens (full) or 4 x params x tokens (LoRA:
            no weight gradients for the frozen base); checkpointing's recompute is not counted.
            Peak: the data-sheet dense bf16 figure on a known GPU, else the best measured matmul.
-           HF has no LoRA without `peft` (not a dependency): LoRA rows are nanogsm only.
+           HF has no LoRA without `peft` (not a dependency): LoRA rows are nanogsm only, and so are
+           +compile rows (compare them with the eager row above them).
   prefill  one forward over --prompt-len random tokens at each --batches size (last-position logits
-           on both sides), tokens/s.
+           on both sides), tokens/s. With decode it is measured in the decode process.
   decode   greedy continuation by --new-tokens tokens (no early stop) after that prefill:
            decode tokens/s = batch x new tokens / (generate time - prefill time). At batch 1 also
            the fraction of the memory-bandwidth bound: per step the weights and the mean KV cache
            are read once; bound = those bytes / measured copy bandwidth (2 x bytes / copy time).
+           On CUDA nanogsm replays recorded decode steps (CUDA graphs); its eager steps are timed
+           in the same process for comparison.
   ppo      one `train_ppo.py` step at reduced scale (--ppo-rollouts, 64 new tokens, minibatch 2 x
            accumulation rollouts/2, 2 epochs): seconds and the share spent generating (nanogsm only).
-With --hf-compile, HF decode also runs with a static cache and torch.compile (slow to build on CPU).
+With --hf-compile B.., HF decode also runs with a static cache and torch.compile at those batch
+sizes (slow to build). A prefill row measured in a decode process shows that process's peak memory.
 """
 import argparse
 import datetime
@@ -48,13 +52,17 @@ parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens p
 parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
 parser.add_argument("--train-seq", type=int, default=192, help="tokens per training sequence")
 parser.add_argument("--train-variants", nargs="+", default=["full", "full+ckpt", "lora", "lora+ckpt"],
-                    choices=["full", "full+ckpt", "lora", "lora+ckpt"], help="training rows to run")
+                    choices=["full", "full+ckpt", "lora", "lora+ckpt", "full+compile", "full+ckpt+compile"],
+                    help="training rows to run (+compile: nanogsm's blocks through torch.compile, as --compile)")
 parser.add_argument("--steps", type=int, default=3, help="timed repeats after one warm-up (best is reported)")
 parser.add_argument("--ppo-rollouts", type=int, default=16, help="rollouts of the reduced PPO step (even)")
 parser.add_argument("--dtype", help="bfloat16 (autocast in training, bf16 weights in inference) or float32; "
                                     "default bfloat16 on CUDA, float32 on CPU")
 parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
-parser.add_argument("--hf-compile", action="store_true", help="also HF decode with static cache + torch.compile")
+parser.add_argument("--hf-compile", nargs="+", type=int, default=[], metavar="BATCH",
+                    help="at these batch sizes also HF decode with static cache + torch.compile")
+parser.add_argument("--compile-decode", action="store_true",
+                    help="nanogsm prefill/decode with its blocks through torch.compile (as --compile)")
 parser.add_argument("--out", help="JSON file (default runs/bench-<time>.json)")
 parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, as JSON; prints a JSON result
 
@@ -94,6 +102,8 @@ def measure(job):
             model.grad_checkpointing = job["ckpt"]
             if job["lora"]:
                 apply_lora(model)
+            for block in model.layers if job["compile"] else ():
+                block.compile()
             loss_fn = lambda: token_loss_sum(model, x, x) / (x.numel() - x.shape[0])  # noqa: E731
         else:
             import transformers
@@ -122,6 +132,8 @@ def measure(job):
         if side == "nanogsm":
             from nanogsm.generate import generate
             model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
+            for block in model.layers if job.get("compile") else ():
+                block.compile()
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, last_only=True), device, job["steps"])
             run = lambda: generate(model, prompts.tolist(), N)  # noqa: E731
@@ -140,7 +152,11 @@ def measure(job):
         if work == "prefill":
             return {"tok_s": B * P / t_prefill, "peak_gb": peak_memory_gb(device)}
         t_gen = best_time(run, device, 1)  # one warm-up run, one timed
-        result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_memory_gb(device)}
+        result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_memory_gb(device),
+                  "prefill_tok_s": B * P / t_prefill}
+        if side == "nanogsm" and device == "cuda":
+            t_eager = best_time(lambda: generate(model, prompts.tolist(), N, cuda_graph=False), device, 1)
+            result["eager_tok_s"] = B * N / (t_eager - t_prefill)
         if B == 1:
             n_params = sum(p.numel() for p in model.parameters())
             result["bandwidth_frac"] = bandwidth_bound(n_params, folder, dtype, P, N, device) / ((t_gen - t_prefill) / N)
@@ -189,8 +205,8 @@ def run_child(job):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def random_folder(shape):
-    """A checkpoint folder with random weights in `shape` (and the offline model's tokenizer)."""
+def random_folder(shape, tokenizer):
+    """A checkpoint folder with random weights in `shape` (and, if asked, the offline model's tokenizer)."""
     import shutil
 
     from nanogsm.model import SHAPES, Gemma, GemmaConfig, ours_to_hf
@@ -202,21 +218,22 @@ def random_folder(shape):
             shapes = {ours_to_hf(cfg, k): v.shape for k, v in Gemma(cfg).state_dict().items()}
         state = {k: (torch.randn(s) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
         save_folder(folder, {"model.safetensors": state}, {"config.json": json.dumps(SHAPES[shape], indent=2)})
+    if tokenizer and not (folder / "tokenizer.json").is_file():
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(resolve("gemma-3-270m") / name, folder / name)
     return folder
 
 
 def peak_flops(device, dtype):
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        for key, flops in GPU_PEAK_BF16.items():
-            if key in name:
-                return flops, f"{name} data sheet, dense bf16"
+    """(peak FLOP/s for MFU, where it comes from, best measured square matmul FLOP/s)."""
     n = 2048 if device == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
-    t = best_time(lambda: a @ a, device, 3)
-    return 2 * n**3 / t, f"best measured {n}x{n} {dtype} matmul"
+    measured = 2 * n**3 / best_time(lambda: a @ a, device, 3)
+    name = torch.cuda.get_device_name() if device == "cuda" else ""
+    for key, flops in GPU_PEAK_BF16.items():
+        if key in name:
+            return flops, f"{name} data sheet, dense bf16; measured {n}^3 matmul {measured / 1e12:.0f}", measured
+    return measured, f"best measured {n}x{n} {dtype} matmul", measured
 
 
 def main(args):
@@ -224,37 +241,45 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     torch.set_num_threads(args.threads)
-    folder = random_folder(args.shape) if args.shape else resolve(args.model)
+    folder = random_folder(args.shape, tokenizer="ppo" in args.only) if args.shape else resolve(args.model)
     name = args.shape or args.model
     base = {"folder": str(folder), "dtype": dtype, "threads": args.threads, "steps": args.steps}
-    peak, peak_source = peak_flops(device, getattr(torch, dtype))
+    peak, peak_source, matmul = peak_flops(device, getattr(torch, dtype))
     rows = []
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'} | "
           f"threads {args.threads} | {name} | {dtype} | MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     print(HEADER, flush=True)
     if "train" in args.only:
         for variant in args.train_variants:
-            lora, ckpt = variant.startswith("lora"), variant.endswith("+ckpt")
-            job = {**base, "work": "train", "lora": lora, "ckpt": ckpt, "batch": args.train_batch, "seq": args.train_seq}
+            lora, ckpt, compile_ = variant.startswith("lora"), "+ckpt" in variant, "+compile" in variant
+            job = {**base, "work": "train", "lora": lora, "ckpt": ckpt, "compile": compile_, "batch": args.train_batch,
+                   "seq": args.train_seq}
             ours = run_child({**job, "side": "nanogsm"})
-            hf = None if lora else run_child({**job, "side": "hf"})
-            rows.append({"workload": "train", "variant": f"{'LoRA' if lora else 'full'}{' + ckpt' if ckpt else ''}",
+            hf = None if lora or compile_ else run_child({**job, "side": "hf"})
+            label = f"{'LoRA' if lora else 'full'}{' + ckpt' if ckpt else ''}{' + compile' if compile_ else ''}"
+            rows.append({"workload": "train", "variant": label,
                          "batch": f"{args.train_batch}x{args.train_seq}", "nanogsm": ours, "hf": hf,
                          "mfu": ours["flops_per_s"] / peak})
             print_row(rows[-1])
-    for work in ("prefill", "decode"):
-        if work in args.only:
-            for batch in args.batches:
-                job = {**base, "work": work, "batch": batch, "prompt_len": args.prompt_len,
-                       "new_tokens": args.new_tokens}
-                ours, hf = run_child({**job, "side": "nanogsm"}), run_child({**job, "side": "hf"})
-                rows.append({"workload": work, "variant": "greedy" if work == "decode" else "",
-                             "batch": str(batch), "nanogsm": ours, "hf": hf})
+    works = [w for w in ("decode", "prefill") if w in args.only]
+    for batch in args.batches if works else ():
+        job = {**base, "work": works[0], "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+        ours = run_child({**job, "side": "nanogsm", "compile": args.compile_decode})
+        hf = run_child({**job, "side": "hf"})
+        compiled = ", compiled blocks" if args.compile_decode else ""
+        if "prefill" in args.only:  # a decode process measured the prefill too
+            rows.append({"workload": "prefill", "variant": compiled.removeprefix(", "), "batch": str(batch),
+                         "nanogsm": {**ours, "tok_s": ours.get("prefill_tok_s", ours["tok_s"])},
+                         "hf": {**hf, "tok_s": hf.get("prefill_tok_s", hf["tok_s"])}})
+            print_row(rows[-1])
+        if "decode" in args.only:
+            rows.append({"workload": "decode", "variant": "greedy" + compiled, "batch": str(batch), "nanogsm": ours,
+                         "hf": hf})
+            print_row(rows[-1])
+            if batch in args.hf_compile:
+                hf = run_child({**job, "side": "hf", "compile": True})
+                rows.append({**rows[-1], "variant": "vs HF static cache + compile", "hf": hf})
                 print_row(rows[-1])
-                if work == "decode" and args.hf_compile:
-                    hf = run_child({**job, "side": "hf", "compile": True})
-                    rows.append({**rows[-1], "variant": "vs HF static cache + compile", "hf": hf})
-                    print_row(rows[-1])
     if "ppo" in args.only:
         rows.append({"workload": "ppo", "variant": f"{args.ppo_rollouts} rollouts x 64 tokens, 2 epochs",
                      "batch": str(args.ppo_rollouts), "nanogsm": ppo_step(folder, args), "hf": None})
@@ -262,7 +287,8 @@ def main(args):
     out = Path(args.out or f"runs/bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"date": f"{datetime.date.today()}", "device": device, "model": name, "dtype": dtype,
-              "threads": args.threads, "peak_flops": peak, "peak_source": peak_source, "argv": sys.argv[1:],
+              "threads": args.threads, "peak_flops": peak, "peak_source": peak_source,
+              "measured_matmul_flops": matmul, "argv": sys.argv[1:],
               "rows": rows}
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1))
@@ -284,12 +310,14 @@ def print_row(row):
     cells += [f"{ours['peak_gb']:.2f}", f"{hf['peak_gb']:.2f}" if hf else "-"]
     if "mfu" in row:
         cells.append(f"MFU {100 * row['mfu']:.1f}%")
-    elif "bandwidth_frac" in ours:
+    elif "bandwidth_frac" in ours and row["workload"] == "decode":
         cells.append(f"{100 * ours['bandwidth_frac']:.0f}% of bound (HF {100 * hf['bandwidth_frac']:.0f}%)")
     elif "generate_share" in ours:
         cells.append(f"{100 * ours['generate_share']:.0f}% generating")
     else:
         cells.append("")
+    if "eager_tok_s" in ours and row["workload"] == "decode":
+        cells[-1] += f"; eager steps {ours['eager_tok_s']:.1f} tok/s"
     print(f"| {row['workload']} | {row['variant']} | {row['batch']} | " + " | ".join(cells) + " |", flush=True)
 
 

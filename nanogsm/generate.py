@@ -3,6 +3,7 @@
 Prompts of different lengths are left-padded; `Gemma.forward` derives each row's positions and
 masks from the cache's `valid` slots, so a padded row computes exactly what it would alone.
 Finished rows are dropped from the batch (and from the cache) once enough of them are done.
+On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`).
 """
 import torch
 
@@ -27,9 +28,53 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class DecodeStep:
+    """One decode step: tokens (b,) -> next-token logits (b, V) in fp32, each token written to its
+    row's next cache slot (alive False: the token is marked invalid, see `generate`).
+
+    On CUDA the step is recorded once as a CUDA graph and then replayed. A decode step of a small
+    batch is a few hundred small kernels whose launch cost exceeds their run time; a replay
+    launches all of them at once. It can be recorded because the forward reads no value back to
+    the host (see KVCache). The tokens and alive flags are copied into the recorded input tensors,
+    and the logits come back in the recorded output tensor (overwritten by the next step). After
+    `cache.keep` the cache tensors are new, so the step is recorded again for the smaller batch.
+    """
+
+    def __init__(self, model, cache, cuda_graph=True):
+        self.model, self.cache, self.graph = model, cache, None
+        self.cuda_graph = cuda_graph and cache.k.is_cuda
+
+    def forward(self, tokens, alive):
+        return self.model(tokens[:, None], pad_mask=alive[:, None], cache=self.cache)[:, -1].float()
+
+    def __call__(self, tokens, alive):
+        if not self.cuda_graph:
+            return self.forward(tokens, alive)
+        if self.graph is None or self.recorded_k is not self.cache.k:
+            self.record(tokens, alive)
+        self.tokens.copy_(tokens)
+        self.alive.copy_(alive)
+        self.graph.replay()
+        return self.logits
+
+    def record(self, tokens, alive):
+        self.graph = self.logits = None  # free the previous recording's memory
+        self.tokens, self.alive, pos = tokens.clone(), alive.clone(), self.cache.pos.clone()
+        side = torch.cuda.Stream()  # one eager run first, on a side stream, so that lazy setup
+        side.wait_stream(torch.cuda.current_stream())  # (kernel loading, library handles) is
+        with torch.cuda.stream(side):  # not recorded
+            self.forward(self.tokens, self.alive)
+        torch.cuda.current_stream().wait_stream(side)
+        self.cache.pos.copy_(pos)  # undo its step: the replay rewrites the same slot
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels without running them
+            self.logits = self.forward(self.tokens, self.alive)
+        self.recorded_k = self.cache.k
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(), seed=None,
-             return_logprobs=False, stop_strings=(), tokenizer=None, calculator=False):
+             return_logprobs=False, stop_strings=(), tokenizer=None, calculator=False, cuda_graph=True):
     """Continue each prompt (a list of token ids) by up to max_new_tokens.
 
     A row stops after emitting a token in stop_ids (kept in its output), or once its decoded text
@@ -38,6 +83,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     no top-k/top-p), as the PPO trainer recomputes them.
     calculator: when a row writes a GSM8K annotation `<<expr=`, the result of expr (see
     `nanogsm.gsm8k.calculate`) is forced as its next tokens, as in the GSM8K paper.
+    cuda_graph=False: plain eager decode steps on CUDA too (to compare; the outputs are the same).
     """
     if (stop_strings or calculator) and tokenizer is None:
         raise ValueError("generate: stop_strings and calculator need a tokenizer")
@@ -50,6 +96,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
         x[i, P - len(p):] = torch.tensor(p)
         pad_mask[i, P - len(p):] = True
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype)
+    step_fn = DecodeStep(model, cache, cuda_graph)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
@@ -57,7 +104,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     texts, forced = [""] * B, [[] for _ in range(B)]  # generated text per row, calculator tokens to force
     tails = [tokenizer.decode(p[-16:], skip_special=False) if calculator else "" for p in prompts]  # '<<' may be in the prompt
     rows = list(range(B))  # original index of each row still in the batch
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    finished = [False] * B  # per row still in the batch
     logits = model(x.to(device), pad_mask=pad_mask.to(device), cache=cache, last_only=True)[:, -1].float()  # (B, V)
     for step in range(max_new_tokens):
         tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
@@ -65,29 +112,31 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
             if forced[r]:
                 tokens[j] = forced[r].pop(0)
         logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
-        newly_done = torch.isin(tokens, stop_ids) & ~finished
-        token_list, was_finished = tokens.tolist(), finished.tolist()  # one device sync per step
+        # The step's one wait for the device: its tokens and stop flags (and log-probs) come to the host.
+        token_list, stop_list = torch.stack([tokens, torch.isin(tokens, stop_ids)]).tolist()
         logprob_list = logprobs.tolist() if return_logprobs else None
         for j, r in enumerate(rows):
-            if was_finished[j]:
+            if finished[j]:
                 continue
             out_tokens[r].append(token_list[j])
             if return_logprobs:
                 out_logprobs[r].append(logprob_list[j])
+            finished[j] = stop_list[j] == 1
             if stop_strings or calculator:
                 texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
-                newly_done[j] |= any(s in texts[r] for s in stop_strings)
+                finished[j] |= any(s in texts[r] for s in stop_strings)
                 if calculator and not forced[r]:
                     forced[r] = calculator_tokens(tails[r] + texts[r], tokenizer)
-        finished |= newly_done
-        if step == max_new_tokens - 1 or finished.all():
+        if step == max_new_tokens - 1 or all(finished):
             break
-        if finished.float().mean() >= 0.25:  # drop finished rows so they stop costing compute
-            keep = (~finished).nonzero().squeeze(-1)
-            rows, tokens, finished = [rows[j] for j in keep.tolist()], tokens[keep], finished[keep]
+        if sum(finished) >= 0.25 * len(rows):  # drop finished rows so they stop costing compute
+            keep = [j for j, done in enumerate(finished) if not done]
+            rows, finished = [rows[j] for j in keep], [False] * len(keep)
+            keep = torch.tensor(keep, device=device)
+            tokens = tokens[keep]
             cache.keep(keep)
         # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
-        logits = model(tokens[:, None], pad_mask=~finished[:, None], cache=cache)[:, -1].float()
+        logits = step_fn(tokens, torch.tensor([not done for done in finished], device=device))
     return (out_tokens, out_logprobs) if return_logprobs else out_tokens
 
 

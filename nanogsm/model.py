@@ -172,14 +172,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hd): every key so far
+            k, v = cache.update(layer, slots, k, v)  # (B, nkv, S = max_len, hd): every slot, masked
         if self.softcap is None and T > 1:  # fused kernel (prefill, training)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
         else:  # Gemma 2's soft-cap, and one-token decode steps
@@ -229,16 +229,20 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), post_norm()
         self.self_attn, self.mlp = Attention(cfg), MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer))
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slots)
+        x = x + self.post_attention_layernorm(h)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class KVCache:
     """Preallocated keys/values for every layer, (L, B, n_kv, max_len, hd), filled left to right.
 
-    `valid` marks which slots hold real tokens (left padding is False), so positions and masks
-    follow from it. It lives here because `Gemma.forward` reads it; `generate.py` drives it.
+    `valid` marks which slots hold real tokens (left padding and slots not yet written are False),
+    so positions and masks follow from it; `pos`, a 0-d tensor on the cache's device, is the next
+    free slot. Attention reads all max_len slots under the mask, so every decode step has the same
+    shapes and reads no value back to the host: on CUDA, `generate` records one step as a CUDA
+    graph and replays it. It lives here because `Gemma.forward` reads it; `generate.py` drives it.
     """
 
     def __init__(self, cfg: GemmaConfig, batch_size, max_len, device, dtype):
@@ -246,14 +250,15 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
-        self.length = 0  # slots filled so far
+        self.pos = torch.zeros((), device=device, dtype=torch.long)
 
-    def update(self, layer, k, v):
-        """Write k, v (B, nkv, T, hd) at the next T slots; return all keys and values so far."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nkv, S, hd)
+    @torch.compiler.disable  # compiled blocks (--compile) break here and run the writes as they are
+    def update(self, layer, slots, k, v):
+        """Write k, v (B, nkv, T, hd) at `slots` (T,); return this layer's whole cache, (B, nkv, max_len, hd).
+        Under autocast k and v arrive in bf16 and are stored in the cache's dtype."""
+        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
+        return self.k[layer], self.v[layer]
 
     def keep(self, rows):
         """Keep only these batch rows (a LongTensor of indices), e.g. when others finished."""
@@ -273,7 +278,8 @@ class Gemma(nn.Module):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         pad_mask (B, T), optional: False on padding tokens, which no query attends to.
-        cache: a KVCache; the new tokens take its next T slots and attend to all earlier ones.
+        cache: a KVCache; the new tokens take its next T slots and attend to all earlier ones (the
+        forward reads no value back to the host, so a decode step can be recorded as a CUDA graph).
         last_only: logits of the last position only, (B, 1, vocab): a prefill needs no more, and
         full logits over Gemma's 256k vocabulary are the largest tensor of the whole forward.
         head=False: return the final hidden states (B, T, d) instead; `logits(h)` applies the head
@@ -283,15 +289,14 @@ class Gemma(nn.Module):
         B, T = input_ids.shape
         cfg, device = self.config, input_ids.device
         new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
-        start = 0 if cache is None else cache.length
-        if cache is not None:
-            cache.valid[:, start:start + T] = new_valid
-            key_valid = cache.valid[:, :start + T]  # (B, S)
-        else:
-            key_valid = new_valid
-        positions = (key_valid.cumsum(-1) - 1).clamp(min=0)[:, start:]  # (B, T)
-        q_slot = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
-        k_slot = torch.arange(start + T, device=device)[None, :]  # (1, S)
+        if cache is None:
+            slots, key_valid = torch.arange(T, device=device), new_valid  # (T,), (B, S = T)
+        else:  # the new tokens take slots pos..pos+T-1; the keys are all max_len slots, masked
+            slots = cache.pos + torch.arange(T, device=device)  # (T,)
+            cache.valid.index_copy_(1, slots, new_valid)
+            key_valid = cache.valid  # (B, S = max_len)
+        positions = (key_valid.cumsum(-1) - 1).clamp(min=0).index_select(1, slots)  # (B, T)
+        q_slot, k_slot = slots[:, None], torch.arange(key_valid.shape[1], device=device)[None, :]  # (T, 1), (1, S)
         causal = (k_slot <= q_slot) & key_valid[:, None, None, :]  # (B, 1, T, S)
         masks = {"full_attention": causal}
         if cfg.sliding_window is not None:
@@ -306,11 +311,12 @@ class Gemma(nn.Module):
         x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
         for i, (block, kind) in enumerate(zip(self.layers, cfg.layer_types)):
             if self.grad_checkpointing and torch.is_grad_enabled():  # non-reentrant: works with frozen params (LoRA)
-                x = torch.utils.checkpoint.checkpoint(block, x, *rope[kind], masks[kind], cache, i, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, *rope[kind], masks[kind], cache, i, slots,
+                                                      use_reentrant=False)
             else:
-                x = block(x, *rope[kind], masks[kind], cache, i)
+                x = block(x, *rope[kind], masks[kind], cache, i, slots)
         if cache is not None:
-            cache.length += T
+            cache.pos += T  # in place, on the device: a recorded CUDA graph replays it too
         x = self.norm(x[:, -1:] if last_only else x)
         return self.logits(x) if head else x
 

@@ -85,6 +85,9 @@ def sft_arguments(parser):
     add("--warmup-frac", type=float, default=0.03, help="fraction of steps of linear warmup")
     add("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     add("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    add("--bf16", default="auto", choices=["auto", "on", "off"],
+        help="bf16 autocast with fp32 master weights: auto = on CUDA only (the study); on = on CPU too (faster "
+             "where the CPU has bf16 matmuls)")
     add("--grad-checkpointing", action="store_true", help="recompute activations in backward (non-reentrant)")
     add("--compile", action="store_true", help="torch.compile every transformer block (same results; the "
                                                "first steps are slow while it compiles)")
@@ -107,8 +110,9 @@ def start_run(args, method):
     args.out = args.out or f"ckpt/{method}-{args.data}"
     out = prepare_out_dir(args.out, args.resume, args.overwrite)
     device = pick_device()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    print(f"fp32 master weights; compute {'bf16 autocast' if device == 'cuda' else 'fp32'}")
+    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device == "cuda")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+    print(f"fp32 master weights; compute {'bf16 autocast' if bf16 else 'fp32'}")
     seed_everything(args.seed)
     wandb = None
     if args.wandb:

@@ -69,6 +69,17 @@ def test_heldout_scores_train_problems_the_run_did_not_see(tmp_path, tiny_with_t
     assert [r["question"] for r in rows] == [train[r["id"]]["question"] for r in rows]  # train, not test
 
 
+def test_compile_gives_the_eager_completions(tmp_path, tiny_with_tokenizer, data_dir):
+    rows = {}
+    for flag in ([], ["--compile"]):
+        out = tmp_path / f"run{len(flag)}.jsonl"
+        result = run("--model", str(tiny_with_tokenizer), "--n", "3", "--max-new-tokens", "6", "--out", str(out), *flag,
+                     data_dir=data_dir)
+        assert result.returncode == 0, result.stderr
+        rows[len(flag)] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+
+
 def test_answer_loss_equals_hf_loss_on_the_gold_answers(tiny_with_tokenizer, data_dir):
     import transformers
     from nanogsm.tokenizer import Tokenizer

@@ -32,6 +32,17 @@ def test_mixed_lengths_batch_equals_each_alone(family, hf_checkpoint):
     assert batch == [generate(model, [p], max_new_tokens=12)[0] for p in PROMPTS]
 
 
+def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
+    """--compile's blocks (CPU inductor here; a graph break at the cache write) in prefill and decode."""
+    torch.compiler.reset()  # recompile budgets are per process: other tests compile these blocks too
+    model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1])
+    eager = generate(model, PROMPTS, 2 * WINDOW)
+    for block in model.layers:
+        block.compile()
+    assert generate(model, PROMPTS, 2 * WINDOW) == eager
+    assert all(b._compiled_call_impl is not None for b in model.layers)
+
+
 def test_cached_decode_logits_equal_full_recompute(hf_checkpoint):
     model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1])
     seq = torch.tensor([PROMPTS[0] + [3] * 20])  # longer than the window

@@ -138,6 +138,18 @@ def test_resume_is_bit_exact(script, weights, tiny_with_tokenizer, tmp_path, dat
     assert load_model(tmp_path / "a") and Tokenizer.from_pretrained(tmp_path / "a")
 
 
+def test_bf16_on_cpu_autocasts_and_stays_close_to_fp32(tiny_with_tokenizer, tmp_path, data_dir):
+    common = ["--model", tiny_with_tokenizer, "--max-examples", 4, "--batch-size", 2, "--grad-accum", 2,
+              "--max-seq-length", 256, "--eval-n", 0]
+    losses = {}
+    for mode in ("off", "on"):
+        result = train(*common, "--bf16", mode, "--out", tmp_path / mode, data_dir=data_dir)
+        assert result.returncode == 0, result.stderr
+        assert ("compute bf16 autocast" in result.stdout) == (mode == "on")
+        losses[mode] = json.loads((tmp_path / mode / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses["on"] != losses["off"] and abs(losses["on"] - losses["off"]) < 0.02 * losses["off"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "mian"], "error: --data 'mian': expected main or socratic"),
     (["--max-seq-length", 8], "error: --max-seq-length 8 is shorter than a prompt"),
@@ -203,6 +215,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_with_tokenizer, 
 
 def test_compiled_blocks_give_the_eager_loss_and_gradients(hf_checkpoint):
     """`--compile` (torch.compile per block, CPU inductor here) changes speed, not results."""
+    torch.compiler.reset()  # recompile budgets are per process: other tests compile these blocks too
     model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1])
     ids, labels = collate(random_examples(3), 0)
     results = []

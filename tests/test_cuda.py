@@ -1,0 +1,44 @@
+"""GPU-only checks, skipped without CUDA: decode steps replayed from a recorded CUDA graph give
+the same tokens and log-probs as plain eager steps, in each dtype setup the project uses."""
+import pytest
+import torch
+
+from conftest import FAMILIES, WINDOW
+from nanogsm.generate import generate
+from nanogsm.model import Gemma
+from test_generate import PROMPTS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager(family, dtype, hf_checkpoint):
+    model = Gemma.from_pretrained(hf_checkpoint(family)[1], dtype=dtype, device="cuda")
+    n = 3 * WINDOW  # past the sliding window
+    assert generate(model, PROMPTS, n) == generate(model, PROMPTS, n, cuda_graph=False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_graph_under_autocast_with_stops_and_logprobs(temperature, hf_checkpoint):
+    """fp32 weights under bf16 autocast, as PPO rollouts run; a stop id ends row 0 early, so the
+    batch shrinks and the step is recorded again."""
+    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        free = generate(model, PROMPTS, 12, cuda_graph=False)[0]
+        kw = dict(max_new_tokens=12, stop_ids=[free[4]], temperature=temperature, seed=0, return_logprobs=True)
+        graph, eager = generate(model, PROMPTS, **kw), generate(model, PROMPTS, cuda_graph=False, **kw)
+    assert graph == eager
+    if temperature == 0.0:
+        assert len(graph[0][0]) == free.index(free[4]) + 1 < 12  # row 0 stopped early
+
+
+def test_compiled_blocks_recorded_in_the_cuda_graph_give_the_eager_tokens(hf_checkpoint):
+    """Blocks through torch.compile (inductor's kernels; a graph break at the cache write) inside
+    the recorded decode step."""
+    torch.compiler.reset()
+    model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1], device="cuda")
+    eager = generate(model, PROMPTS, 2 * WINDOW, cuda_graph=False)
+    for block in model.layers:
+        block.compile()
+    assert generate(model, PROMPTS, 2 * WINDOW) == eager
