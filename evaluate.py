@@ -119,8 +119,10 @@ def main(args):
               ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
     tok = Tokenizer.from_pretrained(source)
     model = load_model(source, dtype=dtype, device=device)
-    for block in model.layers if args.compile else ():
-        block.compile()  # in place; on CUDA each decode step is then recorded with the compiled kernels
+    if args.compile:
+        print("torch.compile: every transformer block (the first batches are slow while it compiles)")
+        for block in model.layers:
+            block.compile()  # in place; on CUDA each decode step is then recorded with the compiled kernels
     if args.answer_loss:
         loss, n_tokens = answer_loss(model, tok, records, args.batch_size, device)
         print(f"answer loss {loss:.4f} nats/token over {n_tokens} gold-answer tokens of {len(records)} problems")

@@ -76,6 +76,7 @@ def test_compile_gives_the_eager_completions(tmp_path, tiny_with_tokenizer, data
         result = run("--model", str(tiny_with_tokenizer), "--n", "3", "--max-new-tokens", "6", "--out", str(out), *flag,
                      data_dir=data_dir)
         assert result.returncode == 0, result.stderr
+        assert ("torch.compile: every transformer block" in result.stdout) == bool(flag)
         rows[len(flag)] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
     assert rows[0] == rows[1] and len(rows[0]) == 3
 
