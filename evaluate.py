@@ -121,8 +121,7 @@ def main(args):
     model = load_model(source, dtype=dtype, device=device)
     if args.compile:
         print("torch.compile: every transformer block (the first batches are slow while it compiles)")
-        for block in model.layers:
-            block.compile()  # in place; on CUDA each decode step is then recorded with the compiled kernels
+        model.compile_blocks()
     if args.answer_loss:
         loss, n_tokens = answer_loss(model, tok, records, args.batch_size, device)
         print(f"answer loss {loss:.4f} nats/token over {n_tokens} gold-answer tokens of {len(records)} problems")

@@ -52,8 +52,7 @@ def main(args):
     if world > 1:
         shard_model(model, device)
     if args.compile:
-        for block in model.layers:
-            block.compile()  # in place: parameter names (and checkpoints) unchanged
+        model.compile_blocks()
     model.train()
     trainable, total = count_parameters(model)
     print(f"LoRA r={args.r} alpha={args.alpha} on {args.targets}: {trainable:,} trainable of {total:,} parameters "

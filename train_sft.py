@@ -42,8 +42,7 @@ def main(args):
     if world > 1:
         shard_model(model, device)
     if args.compile:
-        for block in model.layers:
-            block.compile()  # in place: parameter names (and checkpoints) unchanged
+        model.compile_blocks()
     model.train()
     print(f"{model.num_params() / 1e6:.1f}M parameters, all trained")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,

@@ -102,8 +102,8 @@ def measure(job):
             model.grad_checkpointing = job["ckpt"]
             if job["lora"]:
                 apply_lora(model)
-            for block in model.layers if job["compile"] else ():
-                block.compile()
+            if job["compile"]:
+                model.compile_blocks()
             loss_fn = lambda: token_loss_sum(model, x, x) / (x.numel() - x.shape[0])  # noqa: E731
         else:
             import transformers
@@ -132,8 +132,8 @@ def measure(job):
         if side == "nanogsm":
             from nanogsm.generate import generate
             model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
-            for block in model.layers if job.get("compile") else ():
-                block.compile()
+            if job["compile"]:
+                model.compile_blocks()
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, last_only=True), device, job["steps"])
             run = lambda: generate(model, prompts.tolist(), N)  # noqa: E731

@@ -354,6 +354,13 @@ class Gemma(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
+    def compile_blocks(self):
+        """torch.compile every transformer block, in place (`--compile`): parameter names, and so
+        checkpoints, are unchanged. The cache write stays uncompiled (a graph break, see KVCache);
+        on CUDA a recorded decode step holds the compiled kernels."""
+        for block in self.layers:
+            block.compile()
+
 
 def hf_to_ours(cfg: GemmaConfig):
     """Key renaming HF -> nanogsm. Gemma 1's `post_attention_layernorm` is really the pre-MLP norm."""

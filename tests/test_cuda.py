@@ -39,6 +39,5 @@ def test_compiled_blocks_recorded_in_the_cuda_graph_give_the_eager_tokens(hf_che
     torch.compiler.reset()
     model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1], device="cuda")
     eager = generate(model, PROMPTS, 2 * WINDOW, cuda_graph=False)
-    for block in model.layers:
-        block.compile()
+    model.compile_blocks()
     assert generate(model, PROMPTS, 2 * WINDOW) == eager

@@ -37,8 +37,7 @@ def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
     torch.compiler.reset()  # recompile budgets are per process: other tests compile these blocks too
     model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1])
     eager = generate(model, PROMPTS, 2 * WINDOW)
-    for block in model.layers:
-        block.compile()
+    model.compile_blocks()
     assert generate(model, PROMPTS, 2 * WINDOW) == eager
     assert all(b._compiled_call_impl is not None for b in model.layers)
 

@@ -221,8 +221,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(hf_checkpoint):
     results = []
     for compiled in (False, True):
         if compiled:
-            for block in model.layers:
-                block.compile()
+            model.compile_blocks()
         model.zero_grad()
         loss = token_loss_sum(model, ids, labels)
         loss.backward()
