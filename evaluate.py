@@ -93,7 +93,7 @@ def answer_loss(model, tok, records, batch_size, device):
     for i in range(0, len(records), batch_size):
         examples = [sft_example(tok, r["question"], r["answer"], 1024)[:2] for r in records[i:i + batch_size]]
         input_ids, labels = collate(examples, tok.pad_id)
-        total += token_loss_sum(model, input_ids.to(device), labels.to(device)).item()
+        total += token_loss_sum(model, input_ids.to(device), labels).item()
         n_tokens += n_target_tokens(labels)
     return total / n_tokens, n_tokens
 

@@ -15,13 +15,13 @@ import sys
 import torch
 
 from nanogsm.lora import (DEFAULT_TARGETS, adapter_config, adapter_state, apply_lora,
-                          count_parameters, load_adapter, load_model, merge_lora)
+                          count_parameters, load_adapter, load_model, merge_lora, store_base_in)
 from nanogsm.model import Gemma
 from nanogsm.report import progress
 from nanogsm.tokenizer import Tokenizer
-from nanogsm.train import (collate, eval_em, load_trainer_state, log_step, lr_at, peak_memory_gb, save_checkpoint,
-                           rank_world, setup_distributed, sft_arguments, sft_data, sft_step, shard_model,
-                           start_run)
+from nanogsm.train import (bf16_compute, collate, eval_em, load_trainer_state, log_step, lr_at, peak_memory_gb,
+                           rank_world, save_checkpoint, setup_distributed, sft_arguments, sft_data, sft_step,
+                           shard_model, start_run)
 from nanogsm.weights import resolve
 
 parser = sft_arguments(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -48,6 +48,8 @@ def main(args):
         load_adapter(model, out)
     else:
         apply_lora(model, args.r, args.alpha, args.lora_dropout, args.targets.split(","))
+    if bf16_compute(args, device) and world == 1:  # (FSDP shards blocks of one dtype)
+        store_base_in(model, torch.bfloat16)  # what autocast would cast the frozen weights to, once
     model.grad_checkpointing = args.grad_checkpointing
     if world > 1:
         shard_model(model, device)

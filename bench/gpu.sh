@@ -2,8 +2,8 @@
 # The GPU checks of the performance work in one call (docs/BENCHMARKS.md, "GPU"): the CUDA tests,
 # then the suite on random weights in gemma-2b's shape, bf16. Tables print as they come; JSON goes
 # to $OUT (the device tool's folder) or runs/. Each part has its own time limit, so a slow part
-# cannot starve the rest.   Usage: bash bench/gpu.sh [PART ...]   (default: every part, in order:
-# tests train decode decode-256 decode-compiled train-compile)
+# cannot starve the rest.   Usage: bash bench/gpu.sh [PART ...]   (default, in order: tests train
+# decode decode-256 decode-compiled train-compile; on request: train-compare profile)
 set -u
 out=${OUT:-runs}
 mkdir -p "$out"
@@ -16,10 +16,20 @@ parts=" ${*:-tests train decode decode-256 decode-compiled train-compile} "
 want() { [[ $parts == *" $1 "* ]]; }
 suite() { timeout "$1" "$py" -m bench.suite --shape gemma-2b "${@:2}" || echo "suite part failed or timed out: ${*:2}"; }
 
-want tests && timeout 60 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 15
+want tests && timeout 60 "$py" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -n 40
 want train && suite 150 --only train --train-batch 8 --train-seq 512 --out "$out/train.json"
 want decode && suite 180 --only prefill decode --batches 1 16 64 --prompt-len 128 --new-tokens 256 --out "$out/decode.json"
 want decode-256 && suite 100 --only decode --batches 256 --prompt-len 128 --new-tokens 256 --out "$out/decode-256.json"
 want decode-compiled && suite 170 --only prefill decode --batches 1 --compile-decode --out "$out/decode-compiled.json"
-want train-compile && suite 80 --only train --train-variants full+ckpt+compile --train-batch 8 --train-seq 512 --out "$out/train-compile.json"
+want train-compile && suite 120 --only train --train-variants full+ckpt+compile lora+ckpt+compile --train-batch 8 --train-seq 512 --out "$out/train-compile.json"
+want train-compare && suite 230 --only train --train-variants full lora full+compile lora+compile --train-batch 8 \
+    --train-seq 512 --out "$out/train-compare.json"
+profile() { timeout "$1" "$py" -m bench.profile_step --shape gemma-2b --seq 512 "${@:3}" --out "$out/profile-$2.json" \
+    || echo "profile failed or timed out: $2"; }
+if want profile; then  # training's time by kind of kernel, and the syncs inside one step
+    profile 50 full --trace
+    profile 50 full-masked --attn-mask
+    profile 80 full-compile-accum2 --compile --accum 2
+    profile 80 lora-compile --lora --compile
+fi
 echo "done: parts$parts"

@@ -11,6 +11,8 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
            peak FLOP/s with model FLOPs = 6 x params x tokens (full) or 4 x params x tokens (LoRA:
            no weight gradients for the frozen base); checkpointing's recompute is not counted.
            Peak: the data-sheet dense bf16 figure on a known GPU, else the best measured matmul.
+           --train-accum N: N micro-batches per optimizer step (AdamW's cost spread over N).
+           LoRA under bf16 keeps its frozen base in bf16, as train_lora.py does.
            HF has no LoRA without `peft` (not a dependency): LoRA rows are nanogsm only, and so are
            +compile rows (compare them with the eager row above them).
   prefill  one forward over --prompt-len random tokens at each --batches size (last-position logits
@@ -52,8 +54,11 @@ parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens p
 parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
 parser.add_argument("--train-seq", type=int, default=192, help="tokens per training sequence")
 parser.add_argument("--train-variants", nargs="+", default=["full", "full+ckpt", "lora", "lora+ckpt"],
-                    choices=["full", "full+ckpt", "lora", "lora+ckpt", "full+compile", "full+ckpt+compile"],
+                    choices=["full", "full+ckpt", "lora", "lora+ckpt", "full+compile", "full+ckpt+compile",
+                             "lora+compile", "lora+ckpt+compile"],
                     help="training rows to run (+compile: nanogsm's blocks through torch.compile, as --compile)")
+parser.add_argument("--train-accum", type=int, default=1,
+                    help="micro-batches per optimizer step (the study: 2); tokens/s counts every micro-batch")
 parser.add_argument("--steps", type=int, default=3, help="timed repeats after one warm-up (best is reported)")
 parser.add_argument("--ppo-rollouts", type=int, default=16, help="rollouts of the reduced PPO step (even)")
 parser.add_argument("--dtype", help="bfloat16 (autocast in training, bf16 weights in inference) or float32; "
@@ -94,17 +99,21 @@ def measure(job):
     folder, side, work = Path(job["folder"]), job["side"], job["work"]
     gen = torch.Generator().manual_seed(0)
     if work == "train":
-        from nanogsm.lora import apply_lora
+        from nanogsm.lora import apply_lora, store_base_in
         from nanogsm.train import token_loss_sum
-        x = torch.randint(0, 32000, (job["batch"], job["seq"]), generator=gen).to(device)
+        x_host = torch.randint(0, 32000, (job["batch"], job["seq"]), generator=gen)
+        x = x_host.to(device)
         if side == "nanogsm":
             model = Gemma.from_pretrained(folder, device=device).train()
             model.grad_checkpointing = job["ckpt"]
             if job["lora"]:
                 apply_lora(model)
+                if bf16:  # as train_lora.py: the frozen base in the dtype autocast would cast it to
+                    store_base_in(model, torch.bfloat16)
             if job["compile"]:
                 model.compile_blocks()
-            loss_fn = lambda: token_loss_sum(model, x, x) / (x.numel() - x.shape[0])  # noqa: E731
+            # labels on the host, as the training loop keeps them: no host-device sync in the step
+            loss_fn = lambda: token_loss_sum(model, x, x_host) / (x.numel() - x.shape[0])  # noqa: E731
         else:
             import transformers
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
@@ -115,13 +124,14 @@ def measure(job):
         opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda", foreach=None if device == "cuda" else True)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
-        def step():
-            with autocast:
-                loss = loss_fn()
-            loss.backward()
+        def step():  # --train-accum micro-batches (the same one again), then one optimizer step
+            for _ in range(job["accum"]):
+                with autocast:
+                    loss = loss_fn()
+                loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        t = best_time(step, device, job["steps"])
+        t = best_time(step, device, job["steps"]) / job["accum"]  # per micro-batch
         n_params = sum(p.numel() for p in model.parameters())
         flops = (4 if job["lora"] else 6) * n_params * x.numel()
         return {"tok_s": x.numel() / t, "peak_gb": peak_memory_gb(device), "flops_per_s": flops / t}
@@ -143,8 +153,9 @@ def measure(job):
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, logits_to_keep=1), device, job["steps"])
             kwargs = {}
-            if job.get("compile"):
-                model.forward = torch.compile(model.forward, mode="reduce-overhead" if device == "cuda" else None)
+            if job.get("compile"):  # on CUDA, generate compiles its own decode step for a static cache
+                if device == "cpu":   # ("reduce-overhead" mode, CUDA graphs); on CPU it is compiled here
+                    model.forward = torch.compile(model.forward)
                 kwargs = {"cache_implementation": "static"}
             run = lambda: model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=N,  # noqa: E731
                                          min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
@@ -253,12 +264,13 @@ def main(args):
         for variant in args.train_variants:
             lora, ckpt, compile_ = variant.startswith("lora"), "+ckpt" in variant, "+compile" in variant
             job = {**base, "work": "train", "lora": lora, "ckpt": ckpt, "compile": compile_, "batch": args.train_batch,
-                   "seq": args.train_seq}
+                   "seq": args.train_seq, "accum": args.train_accum}
             ours = run_child({**job, "side": "nanogsm"})
             hf = None if lora or compile_ else run_child({**job, "side": "hf"})
             label = f"{'LoRA' if lora else 'full'}{' + ckpt' if ckpt else ''}{' + compile' if compile_ else ''}"
+            accum = f"{args.train_accum}x" if args.train_accum > 1 else ""
             rows.append({"workload": "train", "variant": label,
-                         "batch": f"{args.train_batch}x{args.train_seq}", "nanogsm": ours, "hf": hf,
+                         "batch": f"{accum}{args.train_batch}x{args.train_seq}", "nanogsm": ours, "hf": hf,
                          "mfu": ours["flops_per_s"] / peak})
             print_row(rows[-1])
     works = [w for w in ("decode", "prefill") if w in args.only]

@@ -35,7 +35,8 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         y = self.base(x)
         if self.enabled:
-            y = y + (self.dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.scale  # (.., in) -> (.., r) -> (.., out)
+            xa = self.dropout(x) @ self.lora_A.T * self.scale  # (.., in) -> (.., r), scaled while it is small
+            y = y + xa @ self.lora_B.T  # (.., out)
         return y
 
 
@@ -57,6 +58,16 @@ def apply_lora(model, r=16, alpha=32, dropout=0.0, targets=None):
                 swapped += 1
     if swapped == 0:
         raise ValueError(f"--targets {','.join(targets)}: no linear layer of the model has such a name")
+    return model
+
+
+def store_base_in(model, dtype):
+    """Store the frozen base projections in `dtype`. Under bf16 autocast these are the very values
+    autocast would cast the fp32 weights to in every forward (and again in each checkpointed
+    recompute), so the results are unchanged: half the weight memory, no per-step casts. Frozen
+    weights are never updated, so nothing is lost by not keeping them in fp32."""
+    for m in lora_modules(model).values():
+        m.base.to(dtype)
     return model
 
 

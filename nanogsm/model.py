@@ -180,8 +180,9 @@ class Attention(nn.Module):
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(layer, slots, k, v)  # (B, nkv, S = max_len, hd): every slot, masked
-        if self.softcap is None and T > 1:  # fused kernel (prefill, training)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        if self.softcap is None and T > 1:  # fused kernel (prefill, training); mask None = plain causal
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                               enable_gqa=True)
         else:  # Gemma 2's soft-cap, and one-token decode steps
             y = self.grouped_attention(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)  # (B, T, nh*hd)
@@ -303,6 +304,11 @@ class Gemma(nn.Module):
             masks["sliding_attention"] = causal & (k_slot > q_slot - cfg.sliding_window)
         # A padding query sees no valid key; let it see itself so softmax stays finite (output unused).
         masks = {t: m | (k_slot == q_slot) for t, m in masks.items()}
+        if cache is None and pad_mask is None and cfg.attn_softcap is None and T > 1:
+            # Plain causal attention (training: right padding never reaches a real token). Without a
+            # mask tensor SDPA can take its flash kernel on CUDA, which shares K/V across query heads
+            # (GQA) without repeating them; a mask tensor rules flash out (2x the attention time).
+            masks["full_attention"] = None
         rope = {t: rope_cos_sin(positions, cfg.head_dim, theta, cfg.rope_scale if t == "full_attention" else 1.0)
                 for t, theta in cfg.rope_theta.items()}
 

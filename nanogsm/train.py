@@ -110,7 +110,7 @@ def start_run(args, method):
     args.out = args.out or f"ckpt/{method}-{args.data}"
     out = prepare_out_dir(args.out, args.resume, args.overwrite)
     device = pick_device()
-    bf16 = args.bf16 == "on" or (args.bf16 == "auto" and device == "cuda")
+    bf16 = bf16_compute(args, device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     print(f"fp32 master weights; compute {'bf16 autocast' if bf16 else 'fp32'}")
     seed_everything(args.seed)
@@ -122,6 +122,11 @@ def start_run(args, method):
             raise ValueError("--wandb: the wandb package is not installed (pip install wandb)") from None
         wandb.init(project="nanogsm", name=str(out), config=vars(args))
     return out, device, autocast, wandb
+
+
+def bf16_compute(args, device):
+    """--bf16: on, off, or auto (on CUDA only)."""
+    return args.bf16 == "on" or (args.bf16 == "auto" and device == "cuda")
 
 
 def seed_everything(seed):
@@ -202,7 +207,7 @@ def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
         if world > 1:  # FSDP: reduce-scatter the gradients once, after the rank's last micro-batch
             model.set_requires_gradient_sync(i == len(mine) - 1)
         with autocast:
-            loss = token_loss_sum(model, input_ids.to(device), labels.to(device)) / n_tokens
+            loss = token_loss_sum(model, input_ids.to(device, non_blocking=True), labels) / n_tokens
         (loss * world).backward()  # FSDP averages gradients over ranks; this loss is already global
         loss_sum += loss.detach()  # no .item() here: one host-device sync per step, below
     if world > 1:
@@ -252,10 +257,14 @@ def token_loss_sum(model, input_ids, labels, chunk=1024):
     The LM head and the loss are fused (`HeadLoss`): they run only on labelled positions, `chunk`
     of them at a time. With Gemma's 256k vocabulary, full fp32 logits (and their gradient) would
     be the largest tensors of the step (8 x 512 x 256k x 4 bytes = 4 GiB each).
+
+    Labels may stay on the CPU (the training loop keeps them there): the labelled positions are
+    then found on the host, and the step never waits for the device to count them.
     """
-    hidden = model(input_ids, head=False)[:, :-1]  # (B, T-1, d): position t predicts token t+1
-    targets = labels[:, 1:]
-    keep = targets != IGNORE
+    hidden = model(input_ids, head=False)[:, :-1].flatten(0, 1)  # (B*(T-1), d): position t predicts token t+1
+    targets = labels[:, 1:].flatten()  # (B*(T-1),)
+    keep = (targets != IGNORE).nonzero().squeeze(1)  # (N,) labelled positions; a sync only if labels are on the device
+    keep, targets = (t.to(hidden.device, non_blocking=True) for t in (keep, targets))
     weight = model.embed_tokens.weight
     if not torch.is_grad_enabled():  # evaluation: detached inputs tell HeadLoss to skip the gradients
         hidden, weight = hidden.detach(), weight.detach()

@@ -31,3 +31,17 @@ def test_suite_runs_every_workload_on_a_tiny_model(tiny_with_tokenizer, tmp_path
     assert "bandwidth_frac" not in rows["decode", "greedy", "2"]["nanogsm"]
     assert 0 < rows["ppo", "2 rollouts x 64 tokens, 2 epochs", "2"]["nanogsm"]["generate_share"] < 1
     assert "| train | full | 2x16 |" in result.stdout  # the printed table
+
+
+def test_profile_step_runs_the_training_step_and_splits_its_time(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "profile.json"
+    result = subprocess.run([sys.executable, "-m", "bench.profile_step", "--model", str(tiny_with_tokenizer), "--batch", "2",
+                             "--seq", "16", "--accum", "2", "--lora", "--attn-mask", "--trace", "--threads", "1", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["step_s"] > 0 and report["tok_s"] > 0
+    assert report["kinds"]["matmul"]["s"] > 0 and report["kinds"]["matmul"]["count"] > 0
+    assert sum(k["s"] for k in report["kinds"].values()) <= report["profiled_step_s"]  # self times: no double count
+    assert (tmp_path / "profile.trace.json.gz").stat().st_size > 0
+    assert "| matmul |" in result.stdout

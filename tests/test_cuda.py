@@ -41,3 +41,25 @@ def test_compiled_blocks_recorded_in_the_cuda_graph_give_the_eager_tokens(hf_che
     eager = generate(model, PROMPTS, 2 * WINDOW, cuda_graph=False)
     model.compile_blocks()
     assert generate(model, PROMPTS, 2 * WINDOW) == eager
+
+
+def test_training_attention_takes_the_flash_kernel_and_is_as_exact_as_the_masked_path(hf_checkpoint):
+    """Training calls the model without a pad mask, so full attention is plain causal. Restricted
+    to flash attention, SDPA would raise if it could not take that call (GQA included). Under bf16
+    autocast its logits and gradients are as close to the fp32 model as the masked path's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = Gemma.from_pretrained(hf_checkpoint("gemma")[1], device="cuda").train()
+    x = torch.randint(0, 256, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    results = {}
+    for name, pad_mask, backends, bf16 in (("fp32", None, [SDPBackend.MATH], False),
+                                           ("flash", None, [SDPBackend.FLASH_ATTENTION], True),
+                                           ("masked", torch.ones_like(x), [SDPBackend.EFFICIENT_ATTENTION,
+                                                                           SDPBackend.MATH], True)):
+        model.zero_grad()
+        with sdpa_kernel(backends), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x, pad_mask=pad_mask).float()
+        logits.logsumexp(-1).mean().backward()
+        results[name] = (logits, model.layers[0].self_attn.q_proj.weight.grad.clone())
+    errors = {name: [((a - ref).norm() / ref.norm()).item() for a, ref in zip(results[name], results["fp32"])]
+              for name in ("flash", "masked")}
+    assert all(e_flash <= 2 * e_masked + 1e-3 for e_flash, e_masked in zip(*errors.values())), errors

@@ -6,7 +6,7 @@ import torch
 
 from conftest import SEQ
 from nanogsm.lora import (adapter_config, adapter_state, apply_lora, count_parameters, load_adapter, load_model,
-                          lora_disabled, lora_modules, merge_lora)
+                          lora_disabled, lora_modules, merge_lora, store_base_in)
 from nanogsm.model import SHAPES, Gemma, GemmaConfig
 from nanogsm.train import IGNORE, collate, token_loss_sum
 from nanogsm.weights import save_folder
@@ -93,3 +93,24 @@ def test_adapter_folder_round_trip_and_wrong_base(hf_checkpoint, tmp_path):
         load_adapter(other, tmp_path / "adapter")
     with pytest.raises(ValueError, match="no linear layer of the model has such a name"):
         apply_lora(Gemma.from_pretrained(hf_checkpoint("gemma")[1]), targets=["qkv"])
+
+
+def test_bf16_base_under_autocast_is_what_autocast_computes(hf_checkpoint):
+    """train_lora.py stores the frozen base in bf16 when it trains under bf16 autocast: the same
+    numbers as autocast casting the fp32 base in every forward, so loss and gradients are equal."""
+    ids, labels = collate([(X[0].tolist(), [IGNORE] * 4 + X[0, 4:].tolist()), (X[1].tolist(), X[1].tolist())], 0)
+    results = []
+    for bf16_base in (False, True):
+        model = lora_model(hf_checkpoint, "gemma", r=4, alpha=8)
+        randomize_b(model)
+        if bf16_base:
+            store_base_in(model, torch.bfloat16)
+            assert all(m.base.weight.dtype == torch.bfloat16 and m.lora_A.dtype == torch.float32
+                       for m in lora_modules(model).values())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = token_loss_sum(model, ids, labels)
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        assert torch.equal(grad, results[1][1][name]), name

@@ -157,3 +157,13 @@ def test_bad_config(broken, edit, message):
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         Gemma.from_pretrained("no-such-model")
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma3_text"])
+def test_no_pad_mask_takes_plain_causal_attention_with_the_same_result(hf_checkpoint, family):
+    """Without a pad mask the full-attention layers call SDPA with is_causal and no mask tensor (its
+    flash kernel on CUDA); that must equal the masked path an all-true pad mask takes."""
+    model = Gemma.from_pretrained(hf_checkpoint(family)[1])
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x, pad_mask=torch.ones_like(x)), atol=1e-5, rtol=1e-5)
