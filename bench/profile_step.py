@@ -62,6 +62,15 @@ def kind_of(name):
     return next((kind for kind, keys in KINDS if any(k in lower for k in keys)), "other")
 
 
+def own_seconds(event, device):
+    """A kernel's device time (CUDA) or an aten op's own CPU time (CPU), in seconds; else None."""
+    if device == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
+        return event.self_device_time_total / 1e6
+    if device == "cpu" and event.key.startswith("aten::"):
+        return event.self_cpu_time_total / 1e6
+    return None
+
+
 def build(args, device):
     from bench.suite import random_folder
     from nanogsm.lora import apply_lora, store_base_in
@@ -133,31 +142,25 @@ def main(args):
         if device == "cuda":
             torch.cuda.synchronize()
         profiled_wall = time.perf_counter() - t
+
     kinds = collections.defaultdict(lambda: [0.0, 0])  # kind -> [seconds, count]
-    runtime = collections.Counter()
-    events = [e for e in prof.key_averages() if not e.is_user_annotation]  # ranges like "Optimizer.step": no kernels
-    for e in events:
-        on_device = e.device_type == torch.autograd.DeviceType.CUDA
-        if device == "cuda" and on_device:
-            seconds = e.self_device_time_total / 1e6
-        elif device == "cpu" and e.key.startswith("aten::"):
-            seconds = e.self_cpu_time_total / 1e6
-        else:
-            if e.key.startswith("cuda") and "Synchronize" in e.key or e.key == "cudaMemcpyAsync":
-                runtime[e.key] += e.count
+    timed, runtime = [], collections.Counter()
+    for e in prof.key_averages():
+        if e.is_user_annotation:  # ranges such as "Optimizer.step#AdamW.step": they span kernels, not add to them
             continue
-        kinds[kind_of(e.key)][0] += seconds
-        kinds[kind_of(e.key)][1] += e.count
+        seconds = own_seconds(e, device)
+        if seconds is not None:
+            timed.append((seconds, e))
+            kinds[kind_of(e.key)][0] += seconds
+            kinds[kind_of(e.key)][1] += e.count
+        elif "Synchronize" in e.key or e.key == "cudaMemcpyAsync":  # CUDA runtime calls on the host
+            runtime[e.key] += e.count
     busy = sum(s for s, _ in kinds.values())
     report["profiled_step_s"] = profiled_wall
     report["kinds"] = {k: {"s": s, "count": n} for k, (s, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])}
     report["cuda_runtime_calls"] = dict(runtime)
-    report["top"] = [{"name": e.key[:120], "s": (e.self_device_time_total if device == "cuda" else e.self_cpu_time_total) / 1e6,
-                      "count": e.count}
-                     for e in sorted((e for e in events
-                                      if (e.device_type == torch.autograd.DeviceType.CUDA) == (device == "cuda")
-                                      and (device == "cuda" or e.key.startswith("aten::"))),
-                                     key=lambda e: -(e.self_device_time_total if device == "cuda" else e.self_cpu_time_total))[:15]]
+    report["top"] = [{"name": e.key[:120], "s": s, "count": e.count}
+                     for s, e in sorted(timed, key=lambda se: -se[0])[:15]]
 
     out = Path(args.out or f"runs/profile-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
