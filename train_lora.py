@@ -60,8 +60,7 @@ def main(args):
     print(f"LoRA r={args.r} alpha={args.alpha} on {args.targets}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device == "cuda", foreach=None if device == "cuda" else True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     start = load_trainer_state(out, optimizer) if args.resume else 0
     warmup = max(1, int(args.warmup_frac * total_steps))
     save = lambda step, metrics: save_checkpoint(  # noqa: E731

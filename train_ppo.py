@@ -129,7 +129,7 @@ def main(args):
     if value_head is not None and args.resume:
         value_head.load_state_dict(load_file(out / "value_head.safetensors"))
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
-    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=device == "cuda", foreach=None if device == "cuda" else True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, fused=True)
     start = load_trainer_state(out, optimizer) if args.resume else 0
     print(f"{sum(p.numel() for p in params):,} trainable parameters ({'LoRA' if args.lora else 'full'}"
           f"{' + value head' if value_head else ''})")

@@ -45,8 +45,7 @@ def main(args):
         model.compile_blocks()
     model.train()
     print(f"{model.num_params() / 1e6:.1f}M parameters, all trained")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device == "cuda", foreach=None if device == "cuda" else True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     start = load_trainer_state(out, optimizer) if args.resume else 0
     warmup = max(1, int(args.warmup_frac * total_steps))
     save = lambda step, metrics: save_checkpoint(out, model, out if args.resume else source, args,  # noqa: E731

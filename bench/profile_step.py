@@ -89,7 +89,7 @@ def build(args, device):
         plain = model.forward
         model.forward = lambda ids, **kw: plain(ids, pad_mask=torch.ones_like(ids), **kw)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda", foreach=None if device == "cuda" else True)
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
     return model, opt
 
 

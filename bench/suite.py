@@ -121,7 +121,7 @@ def measure(job):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             loss_fn = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda", foreach=None if device == "cuda" else True)
+        opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
         def step():  # --train-accum micro-batches (the same one again), then one optimizer step
