@@ -72,19 +72,10 @@ def own_seconds(event, device):
 
 
 def build(args, device):
-    from bench.suite import random_folder
-    from nanogsm.lora import apply_lora, store_base_in
-    from nanogsm.model import Gemma
+    from bench.suite import random_folder, training_model
     from nanogsm.weights import resolve
     folder = random_folder(args.shape, tokenizer=False) if args.shape else resolve(args.model)
-    model = Gemma.from_pretrained(folder, device=device).train()
-    model.grad_checkpointing = args.ckpt
-    if args.lora:
-        apply_lora(model)
-        if args.bf16_on:
-            store_base_in(model, torch.bfloat16)
-    if args.compile:
-        model.compile_blocks()
+    model = training_model(folder, device, args.lora, args.ckpt, args.compile, args.bf16_on)
     if args.attn_mask:
         plain = model.forward
         model.forward = lambda ids, **kw: plain(ids, pad_mask=torch.ones_like(ids), **kw)

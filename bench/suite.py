@@ -99,19 +99,11 @@ def measure(job):
     folder, side, work = Path(job["folder"]), job["side"], job["work"]
     gen = torch.Generator().manual_seed(0)
     if work == "train":
-        from nanogsm.lora import apply_lora, store_base_in
         from nanogsm.train import token_loss_sum
         x_host = torch.randint(0, 32000, (job["batch"], job["seq"]), generator=gen)
         x = x_host.to(device)
         if side == "nanogsm":
-            model = Gemma.from_pretrained(folder, device=device).train()
-            model.grad_checkpointing = job["ckpt"]
-            if job["lora"]:
-                apply_lora(model)
-                if bf16:  # as train_lora.py: the frozen base in the dtype autocast would cast it to
-                    store_base_in(model, torch.bfloat16)
-            if job["compile"]:
-                model.compile_blocks()
+            model = training_model(folder, device, job["lora"], job["ckpt"], job["compile"], bf16)
             # labels on the host, as the training loop keeps them: no host-device sync in the step
             loss_fn = lambda: token_loss_sum(model, x, x_host) / (x.numel() - x.shape[0])  # noqa: E731
         else:
@@ -172,6 +164,21 @@ def measure(job):
             n_params = sum(p.numel() for p in model.parameters())
             result["bandwidth_frac"] = bandwidth_bound(n_params, folder, dtype, P, N, device) / ((t_gen - t_prefill) / N)
         return result
+
+
+def training_model(folder, device, lora, ckpt, compile_, bf16):
+    """nanogsm set up as train_sft.py / train_lora.py set it up (also used by bench/profile_step.py)."""
+    from nanogsm.lora import apply_lora, store_base_in
+    from nanogsm.model import Gemma
+    model = Gemma.from_pretrained(folder, device=device).train()
+    model.grad_checkpointing = ckpt
+    if lora:
+        apply_lora(model)
+        if bf16:  # as train_lora.py: the frozen base in the dtype autocast would cast it to
+            store_base_in(model, torch.bfloat16)
+    if compile_:
+        model.compile_blocks()
+    return model
 
 
 def bandwidth_bound(n_params, folder, dtype, P, N, device):
