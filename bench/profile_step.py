@@ -85,28 +85,19 @@ def build(args, device):
 
 
 def main(args):
-    from nanogsm.train import sft_step
+    from bench.suite import best_time
+    from nanogsm.train import bf16_compute, sft_step
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.bf16_on = args.bf16 == "on" or (args.bf16 == "auto" and device == "cuda")
+    args.bf16_on = bf16_compute(args, device)
     model, opt = build(args, device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.bf16_on)
     gen = torch.Generator().manual_seed(0)
     batches = [(x, x.clone()) for x in (torch.randint(3, 32000, (args.batch, args.seq), generator=gen)
                                         for _ in range(args.accum))]  # every token labelled; host tensors
     step = lambda: sft_step(model, opt, batches, device, autocast, clip=1.0, pad_id=0)  # noqa: E731
-    for _ in range(2):  # warm-up (and compilation)
-        step()
-    times = []
-    for _ in range(3):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    wall = min(times)
+    step()  # warm-up (and compilation); best_time runs one more
+    wall = best_time(step, device, 3)
     tokens = args.accum * args.batch * args.seq
     n_params = model.num_params()
     report = {"date": f"{datetime.date.today()}", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
