@@ -84,6 +84,8 @@ parser.add_argument("--lora", action="store_true", help="train LoRA adapters; th
 parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank with --lora")
 parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha with --lora")
 parser.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
+parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block of the policy "
+                    "and the reference (same results; the first steps are slow while it compiles)")
 parser.add_argument("--eval-every", type=int, default=0, help="every N steps: greedy EM on --eval-n test problems")
 parser.add_argument("--eval-n", type=int, default=256, help="seeded test subset for --eval-every")
 parser.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
@@ -125,6 +127,10 @@ def main(args):
         model = load_model(out if args.resume else source, device=device)
         ref = load_model(source, device=device).eval().requires_grad_(False)
     model.grad_checkpointing = not args.no_grad_checkpointing
+    if args.compile:  # generation, scoring and the PPO passes all run the compiled blocks
+        model.compile_blocks()
+        if ref is not None:
+            ref.compile_blocks()
     value_head = ValueHead(model.config.hidden_size).to(device) if args.algo == "ppo" else None
     if value_head is not None and args.resume:
         value_head.load_state_dict(load_file(out / "value_head.safetensors"))

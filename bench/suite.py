@@ -15,6 +15,10 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
            LoRA under bf16 keeps its frozen base in bf16, as train_lora.py does.
            HF has no LoRA without `peft` (not a dependency): LoRA rows are nanogsm only, and so are
            +compile rows (compare them with the eager row above them).
+           --train-data gsm8k: instead of random tokens all labelled, the GSM8K train micro-batch that
+           train_sft.py would build (prompt and padding labelled -100) whose padded length is the
+           median of one epoch's; HF gets the same ids, labels and its attention mask, as a Trainer
+           would. Tokens/s counts the padded batch on both sides.
   prefill  one forward over --prompt-len random tokens at each --batches size (last-position logits
            on both sides), tokens/s. With decode it is measured in the decode process.
   decode   greedy continuation by --new-tokens tokens (no early stop) after that prefill:
@@ -23,6 +27,11 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
            are read once; bound = those bytes / measured copy bandwidth (2 x bytes / copy time).
            On CUDA nanogsm replays recorded decode steps (CUDA graphs); its eager steps are timed
            in the same process for comparison.
+  eval     (only when asked) evaluate.py's generation: the --eval-n seeded GSM8K test prompts
+           (--eval-prompt strategy), longest first in batches of 16, greedy, up to --eval-new-tokens
+           each, stopping as evaluate.py stops (EOS / end of turn or '\nQuestion:'); HF `generate`
+           gets the same stop rules. Tokens/s = generated tokens / time of the whole run (prefill
+           included), with each side's exact-match score and the share of identical outputs.
   ppo      one `train_ppo.py` step at reduced scale (--ppo-rollouts, 64 new tokens, minibatch 2 x
            accumulation rollouts/2, 2 epochs): seconds and the share spent generating (nanogsm only).
 With --hf-compile B.., HF decode also runs with a static cache and torch.compile at those batch
@@ -47,7 +56,7 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, data 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="gemma-3-270m", help="model name or checkpoint folder")
 parser.add_argument("--shape", choices=["gemma-2b"], help="random weights in this shape instead of --model")
-parser.add_argument("--only", nargs="+", choices=WORKLOADS, default=WORKLOADS, help="workloads to run")
+parser.add_argument("--only", nargs="+", choices=WORKLOADS + ["eval"], default=WORKLOADS, help="workloads to run")
 parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256], help="prefill/decode batch sizes")
 parser.add_argument("--prompt-len", type=int, default=128, help="prefill/decode prompt tokens")
 parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens per row")
@@ -59,6 +68,11 @@ parser.add_argument("--train-variants", nargs="+", default=["full", "full+ckpt",
                     help="training rows to run (+compile: nanogsm's blocks through torch.compile, as --compile)")
 parser.add_argument("--train-accum", type=int, default=1,
                     help="micro-batches per optimizer step (the study: 2); tokens/s counts every micro-batch")
+parser.add_argument("--train-data", choices=["random", "gsm8k"], default="random",
+                    help="training batch: random tokens all labelled, or a real GSM8K SFT micro-batch (see above)")
+parser.add_argument("--eval-n", type=int, default=32, help="eval: seeded GSM8K test problems")
+parser.add_argument("--eval-prompt", default="one-shot-instruct", help="eval: prompt strategy (as evaluate.py)")
+parser.add_argument("--eval-new-tokens", type=int, default=256, help="eval: generation budget per answer")
 parser.add_argument("--steps", type=int, default=3, help="timed repeats after one warm-up (best is reported)")
 parser.add_argument("--ppo-rollouts", type=int, default=16, help="rollouts of the reduced PPO step (even)")
 parser.add_argument("--dtype", help="bfloat16 (autocast in training, bf16 weights in inference) or float32; "
@@ -99,19 +113,24 @@ def measure(job):
     folder, side, work = Path(job["folder"]), job["side"], job["work"]
     gen = torch.Generator().manual_seed(0)
     if work == "train":
-        from nanogsm.train import token_loss_sum
-        x_host = torch.randint(0, 32000, (job["batch"], job["seq"]), generator=gen)
+        from nanogsm.train import n_target_tokens, token_loss_sum
+        if job["data"] == "gsm8k":
+            x_host, labels, pad_mask = gsm8k_sft_batch(folder, job["batch"])
+        else:
+            x_host = torch.randint(0, 32000, (job["batch"], job["seq"]), generator=gen)
+            labels, pad_mask = x_host, None
         x = x_host.to(device)
         if side == "nanogsm":
             model = training_model(folder, device, job["lora"], job["ckpt"], job["compile"], bf16)
             # labels on the host, as the training loop keeps them: no host-device sync in the step
-            loss_fn = lambda: token_loss_sum(model, x, x_host) / (x.numel() - x.shape[0])  # noqa: E731
+            loss_fn = lambda: token_loss_sum(model, x, labels) / n_target_tokens(labels)  # noqa: E731
         else:
             import transformers
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
             if job["ckpt"]:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            loss_fn = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+            hf_labels, hf_mask = labels.to(device), None if pad_mask is None else pad_mask.long().to(device)
+            loss_fn = lambda: model(input_ids=x, attention_mask=hf_mask, labels=hf_labels).loss  # noqa: E731
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
         autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
@@ -126,8 +145,11 @@ def measure(job):
         t = best_time(step, device, job["steps"]) / job["accum"]  # per micro-batch
         n_params = sum(p.numel() for p in model.parameters())
         flops = (4 if job["lora"] else 6) * n_params * x.numel()
-        return {"tok_s": x.numel() / t, "peak_gb": peak_memory_gb(device), "flops_per_s": flops / t}
+        return {"tok_s": x.numel() / t, "peak_gb": peak_memory_gb(device), "flops_per_s": flops / t,
+                "shape": list(x.shape), "labelled": n_target_tokens(labels) / x.numel()}
     dtype = torch.bfloat16 if bf16 else torch.float32
+    if work == "eval":
+        return gsm8k_generation(job, folder, side, device, dtype)
     B, P, N = job["batch"], job["prompt_len"], job["new_tokens"]
     prompts = torch.randint(0, 32000, (B, P), generator=gen)
     with torch.inference_mode():
@@ -179,6 +201,66 @@ def training_model(folder, device, lora, ckpt, compile_, bf16):
     if compile_:
         model.compile_blocks()
     return model
+
+
+def gsm8k_sft_batch(folder, batch):
+    """The train_sft.py micro-batch of `batch` GSM8K train examples (seed 0, first epoch) whose
+    padded length is the median: input ids, labels (prompt and padding -100), pad mask; on the host."""
+    from nanogsm.gsm8k import load_gsm8k
+    from nanogsm.tokenizer import Tokenizer
+    from nanogsm.train import collate, length_grouped_batches, sft_example
+    tok = Tokenizer.from_pretrained(folder)
+    examples = [sft_example(tok, r["question"], r["answer"], 512)[:2] for r in load_gsm8k("main", "train")]
+    lengths = [len(ids) for ids, _ in examples]
+    batches = [b for b in length_grouped_batches(lengths, batch, seed=0, epoch=0) if len(b) == batch]
+    median = sorted(batches, key=lambda b: max(lengths[i] for i in b))[len(batches) // 2]
+    input_ids, labels = collate([examples[i] for i in median], tok.pad_id)
+    return input_ids, labels, input_ids != tok.pad_id
+
+
+def gsm8k_generation(job, folder, side, device, dtype):
+    """evaluate.py's generation workload on one side; returns speed, exact match and the outputs."""
+    from nanogsm.gsm8k import STOP_STRINGS, build_prompt, finish, is_correct, load_gsm8k, seeded_subset
+    from nanogsm.model import Gemma
+    from nanogsm.tokenizer import Tokenizer
+    from nanogsm.train import peak_memory_gb
+    tok = Tokenizer.from_pretrained(folder)
+    records = seeded_subset(load_gsm8k("main", "test"), job["n"])
+    prompts = [tok.encode(build_prompt(r["question"], job["prompt"])) for r in records]
+    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))  # as evaluate.py batches them
+    batches = [order[i:i + job["batch"]] for i in range(0, len(order), job["batch"])]
+    if side == "nanogsm":
+        from nanogsm.generate import generate
+        model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
+        if job["compile"]:
+            model.compile_blocks()
+
+        def run(rows, n_new):
+            return generate(model, rows, n_new, stop_ids=tok.stop_ids, stop_strings=STOP_STRINGS, tokenizer=tok)
+    else:
+        import transformers
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+
+        def run(rows, n_new):  # left-padded, as generate() pads; finished rows are filled with padding
+            P = max(len(p) for p in rows)
+            x = torch.tensor([[tok.pad_id] * (P - len(p)) + p for p in rows], device=device)
+            y = model.generate(input_ids=x, attention_mask=(x != tok.pad_id).long(), max_new_tokens=n_new,
+                               do_sample=False, stop_strings=list(STOP_STRINGS), tokenizer=hf_tok,
+                               eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
+            return [[t for t in row if t != tok.pad_id] for row in y[:, P:].tolist()]
+    with torch.inference_mode():
+        run([prompts[i] for i in batches[0]], 8)  # warm-up (and compile)
+        sync(device)
+        start = time.perf_counter()
+        outputs = {i: out for b in batches for i, out in zip(b, run([prompts[i] for i in b], job["new_tokens"]))}
+        sync(device)
+        seconds = time.perf_counter() - start
+    outputs = [outputs[i] for i in range(len(records))]
+    correct = sum(is_correct(finish(out, tok, job["new_tokens"])[0], r["answer"]) for out, r in zip(outputs, records))
+    tokens = sum(len(out) for out in outputs)
+    return {"tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens, "em": correct / len(records),
+            "peak_gb": peak_memory_gb(device), "outputs": outputs}
 
 
 def bandwidth_bound(n_params, folder, dtype, P, N, device):
@@ -259,7 +341,7 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     torch.set_num_threads(args.threads)
-    folder = random_folder(args.shape, tokenizer="ppo" in args.only) if args.shape else resolve(args.model)
+    folder = random_folder(args.shape, tokenizer={"ppo", "eval"} & set(args.only)) if args.shape else resolve(args.model)
     name = args.shape or args.model
     base = {"folder": str(folder), "dtype": dtype, "threads": args.threads, "steps": args.steps}
     peak, peak_source, matmul = peak_flops(device, getattr(torch, dtype))
@@ -271,13 +353,15 @@ def main(args):
         for variant in args.train_variants:
             lora, ckpt, compile_ = variant.startswith("lora"), "+ckpt" in variant, "+compile" in variant
             job = {**base, "work": "train", "lora": lora, "ckpt": ckpt, "compile": compile_, "batch": args.train_batch,
-                   "seq": args.train_seq, "accum": args.train_accum}
+                   "seq": args.train_seq, "accum": args.train_accum, "data": args.train_data}
             ours = run_child({**job, "side": "nanogsm"})
             hf = None if lora or compile_ else run_child({**job, "side": "hf"})
             label = f"{'LoRA' if lora else 'full'}{' + ckpt' if ckpt else ''}{' + compile' if compile_ else ''}"
             accum = f"{args.train_accum}x" if args.train_accum > 1 else ""
-            rows.append({"workload": "train", "variant": label,
-                         "batch": f"{accum}{args.train_batch}x{args.train_seq}", "nanogsm": ours, "hf": hf,
+            batch, seq = ours["shape"]
+            data = f" GSM8K ({100 * ours['labelled']:.0f}% labelled)" if args.train_data == "gsm8k" else ""
+            rows.append({"workload": "train", "variant": label, "batch": f"{accum}{batch}x{seq}{data}",
+                         "nanogsm": ours, "hf": hf,
                          "mfu": ours["flops_per_s"] / peak})
             print_row(rows[-1])
     works = [w for w in ("decode", "prefill") if w in args.only]
@@ -299,6 +383,15 @@ def main(args):
                 hf = run_child({**job, "side": "hf", "compile": True})
                 rows.append({**rows[-1], "variant": "vs HF static cache + compile", "hf": hf})
                 print_row(rows[-1])
+    if "eval" in args.only:
+        job = {**base, "work": "eval", "n": args.eval_n, "prompt": args.eval_prompt, "batch": 16,
+               "new_tokens": args.eval_new_tokens, "compile": args.compile_decode}
+        ours, hf = run_child({**job, "side": "nanogsm"}), run_child({**job, "side": "hf"})
+        same = sum(a == b for a, b in zip(ours.pop("outputs"), hf.pop("outputs"))) / args.eval_n
+        rows.append({"workload": "eval", "variant": f"{args.eval_prompt}, {args.eval_n} problems, greedy"
+                     f"{', compiled blocks' if args.compile_decode else ''}", "batch": "16", "nanogsm": ours,
+                     "hf": hf, "same_outputs": same})
+        print_row(rows[-1])
     if "ppo" in args.only:
         rows.append({"workload": "ppo", "variant": f"{args.ppo_rollouts} rollouts x 64 tokens, 2 epochs",
                      "batch": str(args.ppo_rollouts), "nanogsm": ppo_step(folder, args), "hf": None})
@@ -331,6 +424,8 @@ def print_row(row):
         cells.append(f"MFU {100 * row['mfu']:.1f}%")
     elif "bandwidth_frac" in ours and row["workload"] == "decode":
         cells.append(f"{100 * ours['bandwidth_frac']:.0f}% of bound (HF {100 * hf['bandwidth_frac']:.0f}%)")
+    elif "same_outputs" in row:
+        cells.append(f"EM {100 * ours['em']:.1f}% (HF {100 * hf['em']:.1f}%), {100 * row['same_outputs']:.0f}% same outputs")
     elif "generate_share" in ours:
         cells.append(f"{100 * ours['generate_share']:.0f}% generating")
     else:

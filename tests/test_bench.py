@@ -45,3 +45,27 @@ def test_profile_step_runs_the_training_step_and_splits_its_time(tiny_with_token
     assert sum(k["s"] for k in report["kinds"].values()) <= report["profiled_step_s"]  # self times: no double count
     assert (tmp_path / "profile.trace.json.gz").stat().st_size > 0
     assert "| matmul |" in result.stdout
+
+
+def test_suite_runs_the_real_gsm8k_workloads(tiny_with_tokenizer, tmp_path, data_dir):
+    """--train-data gsm8k trains on a train_sft.py micro-batch (prompt tokens unlabelled); the eval
+    workload generates for seeded test prompts with evaluate.py's stop rules on both sides."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
+    result = subprocess.run([sys.executable, "-m", "bench.suite", "--model", str(tiny_with_tokenizer), "--only", "train",
+                             "eval", "--train-data", "gsm8k", "--train-variants", "full", "--train-batch", "2",
+                             "--eval-n", "3", "--eval-new-tokens", "5", "--steps", "1", "--threads", "1", "--out", str(out)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    train, ev = json.loads(out.read_text())["rows"]
+    batch, seq = train["nanogsm"]["shape"]
+    assert batch == 2 and 50 < seq <= 512 and train["batch"].startswith(f"2x{seq} GSM8K")
+    assert 0.3 < train["nanogsm"]["labelled"] < 0.95  # the prompt carries no loss
+    assert train["hf"]["tok_s"] > 0 and train["nanogsm"]["tok_s"] > 0
+    assert ev["workload"] == "eval" and ev["variant"] == "one-shot-instruct, 3 problems, greedy"
+    for side in ("nanogsm", "hf"):
+        assert 3 <= ev[side]["tokens"] <= 3 * 5 and ev[side]["tok_s"] > 0 and 0 <= ev[side]["em"] <= 1
+        assert "outputs" not in ev[side]  # compared, then dropped from the report
+    assert ev["same_outputs"] == 1.0  # same weights, greedy, fp32: the same tokens on both sides
+    assert ev["nanogsm"]["tokens"] == ev["hf"]["tokens"]
+    assert "| eval | one-shot-instruct, 3 problems, greedy | 16 |" in result.stdout

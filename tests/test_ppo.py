@@ -192,3 +192,21 @@ def test_train_ppo_init_must_be_a_checkpoint(tmp_path, data_dir, hf_checkpoint):
     assert result.returncode != 0 and "not a checkpoint folder" in result.stderr
     result = ppo_script("--init", hf_checkpoint("gemma")[1], "--out", tmp_path / "x", data_dir=data_dir)
     assert result.returncode != 0 and "no tokenizer.json" in result.stderr
+
+
+def test_train_ppo_compile_gives_the_eager_step(tiny_with_tokenizer, tmp_path, data_dir):
+    """--compile (compiled blocks in generation, scoring and the PPO passes) changes speed, not results.
+    A random model gets every answer wrong; reward -1 (not 0) gives it real advantages and gradients,
+    so the comparison is not one of float noise around zero."""
+    import json
+    logs = []
+    for extra in ([], ["--compile"]):
+        result = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / f"run{len(logs)}", "--steps", 1,
+                            "--save-every", 0, "--wrong-reward", -1, *SMALL, *extra, data_dir=data_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs.append(json.loads((tmp_path / f"run{len(logs)}" / "log.jsonl").read_text().splitlines()[0]))
+    eager, compiled = logs
+    assert compiled["rollout/response_len"] == eager["rollout/response_len"]  # the same sampled rollouts
+    assert eager["rollout/reward_mean"] == -1 and eager["params/grad_norm"] > 0.1
+    for key in ("rollout/kl_ref", "loss/policy", "loss/value", "loss/approx_kl", "loss/entropy", "params/grad_norm"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
