@@ -220,15 +220,15 @@ def gsm8k_sft_batch(folder, batch):
 
 def gsm8k_generation(job, folder, side, device, dtype):
     """evaluate.py's generation workload on one side; returns speed, exact match and the outputs."""
-    from nanogsm.gsm8k import STOP_STRINGS, build_prompt, finish, is_correct, load_gsm8k, seeded_subset
+    from nanogsm.gsm8k import (STOP_STRINGS, build_prompt, finish, is_correct, length_batches, load_gsm8k,
+                                seeded_subset)
     from nanogsm.model import Gemma
     from nanogsm.tokenizer import Tokenizer
     from nanogsm.train import peak_memory_gb
     tok = Tokenizer.from_pretrained(folder)
     records = seeded_subset(load_gsm8k("main", "test"), job["n"])
     prompts = [tok.encode(build_prompt(r["question"], job["prompt"])) for r in records]
-    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))  # as evaluate.py batches them
-    batches = [order[i:i + job["batch"]] for i in range(0, len(order), job["batch"])]
+    batches = length_batches(prompts, job["batch"])  # as evaluate.py batches them
     if side == "nanogsm":
         from nanogsm.generate import generate
         model = Gemma.from_pretrained(folder, dtype=dtype, device=device)

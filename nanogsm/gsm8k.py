@@ -171,9 +171,7 @@ def evaluate(model, tok, records, strategy="one-shot-instruct", chat=False, batc
     """Generate for every record (k = samples per problem) and score; returns one row per problem."""
     prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok)) for r in records]
     k = samples
-    order = sorted(range(len(records)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
-    per_batch = max(1, batch_size // k)
-    batches = [order[i:i + per_batch] for i in range(0, len(order), per_batch)]
+    batches = length_batches(prompts, max(1, batch_size // k))
     completions = {}
     for b, batch in enumerate(progress(batches, desc=strategy)):
         outs = generate(model, [prompts[i] for i in batch for _ in range(k)], max_new_tokens,
@@ -182,6 +180,12 @@ def evaluate(model, tok, records, strategy="one-shot-instruct", chat=False, batc
         for j, i in enumerate(batch):
             completions[i] = outs[j * k:(j + 1) * k]
     return [score(records[i], [finish(t, tok, max_new_tokens) for t in completions[i]]) for i in range(len(records))]
+
+
+def length_batches(prompts, batch_size):
+    """Index batches of `batch_size` prompts, longest first, so that similar lengths batch together."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def finish(tokens, tok, max_new_tokens):
