@@ -26,7 +26,9 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
            the fraction of the memory-bandwidth bound: per step the weights and the mean KV cache
            are read once; bound = those bytes / measured copy bandwidth (2 x bytes / copy time).
            On CUDA nanogsm replays recorded decode steps (CUDA graphs); its eager steps are timed
-           in the same process for comparison.
+           in the same process for comparison. --decode-pad K left-pads the first row by K tokens
+           (the prefill is still timed unpadded): real batches are padded, and on CPU HF's bf16
+           decode takes a much slower attention path when no row is.
   eval     (only when asked) evaluate.py's generation: the --eval-n seeded GSM8K test prompts
            (--eval-prompt strategy), longest first in batches of 16, greedy, up to --eval-new-tokens
            each, stopping as evaluate.py stops (EOS / end of turn or '\nQuestion:'); HF `generate`
@@ -60,6 +62,8 @@ parser.add_argument("--only", nargs="+", choices=WORKLOADS + ["eval"], default=W
 parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256], help="prefill/decode batch sizes")
 parser.add_argument("--prompt-len", type=int, default=128, help="prefill/decode prompt tokens")
 parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens per row")
+parser.add_argument("--decode-pad", type=int, default=0,
+                    help="decode: the first row's prompt this many tokens shorter (left padding, as real batches)")
 parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
 parser.add_argument("--train-seq", type=int, default=192, help="tokens per training sequence")
 parser.add_argument("--train-variants", nargs="+", default=["full", "full+ckpt", "lora", "lora+ckpt"],
@@ -152,6 +156,10 @@ def measure(job):
         return gsm8k_generation(job, folder, side, device, dtype)
     B, P, N = job["batch"], job["prompt_len"], job["new_tokens"]
     prompts = torch.randint(0, 32000, (B, P), generator=gen)
+    rows = prompts.tolist()
+    rows[0] = rows[0][job["pad"]:]  # --decode-pad: the first row's prompt shorter, left-padded
+    mask = torch.ones_like(prompts)
+    mask[0, :job["pad"]] = 0
     with torch.inference_mode():
         if side == "nanogsm":
             from nanogsm.generate import generate
@@ -160,7 +168,7 @@ def measure(job):
                 model.compile_blocks()
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, last_only=True), device, job["steps"])
-            run = lambda: generate(model, prompts.tolist(), N)  # noqa: E731
+            run = lambda: generate(model, rows, N)  # noqa: E731
         else:
             import transformers
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -171,7 +179,8 @@ def measure(job):
                 if device == "cpu":   # ("reduce-overhead" mode, CUDA graphs); on CPU it is compiled here
                     model.forward = torch.compile(model.forward)
                 kwargs = {"cache_implementation": "static"}
-            run = lambda: model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=N,  # noqa: E731
+            x_gen = (prompts * mask).to(device)  # padding id 0
+            run = lambda: model.generate(input_ids=x_gen, attention_mask=mask.to(device), max_new_tokens=N,  # noqa: E731
                                          min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
                                          **kwargs)
         if work == "prefill":
@@ -180,7 +189,7 @@ def measure(job):
         result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_memory_gb(device),
                   "prefill_tok_s": B * P / t_prefill}
         if side == "nanogsm" and device == "cuda":
-            t_eager = best_time(lambda: generate(model, prompts.tolist(), N, cuda_graph=False), device, 1)
+            t_eager = best_time(lambda: generate(model, rows, N, cuda_graph=False), device, 1)
             result["eager_tok_s"] = B * N / (t_eager - t_prefill)
         if B == 1:
             n_params = sum(p.numel() for p in model.parameters())
@@ -366,7 +375,8 @@ def main(args):
             print_row(rows[-1])
     works = [w for w in ("decode", "prefill") if w in args.only]
     for batch in args.batches if works else ():
-        job = {**base, "work": works[0], "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+        job = {**base, "work": works[0], "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+               "pad": args.decode_pad}
         ours = run_child({**job, "side": "nanogsm", "compile": args.compile_decode})
         hf = run_child({**job, "side": "hf"})
         compiled = ", compiled blocks" if args.compile_decode else ""
@@ -376,7 +386,8 @@ def main(args):
                          "hf": {**hf, "tok_s": hf.get("prefill_tok_s", hf["tok_s"])}})
             print_row(rows[-1])
         if "decode" in args.only:
-            rows.append({"workload": "decode", "variant": "greedy" + compiled, "batch": str(batch), "nanogsm": ours,
+            padded = f", first row {args.decode_pad} padding" if args.decode_pad else ""
+            rows.append({"workload": "decode", "variant": "greedy" + compiled + padded, "batch": str(batch), "nanogsm": ours,
                          "hf": hf})
             print_row(rows[-1])
             if batch in args.hf_compile:
