@@ -284,7 +284,7 @@ class HeadLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, cap, chunk):  # (N, d), (V, d), (N,)
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = None  # (V, d) fp32: the first chunk's product, later ones added to it
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, len(targets), chunk):
             h, t = hidden[i:i + chunk], targets[i:i + chunk]
@@ -293,9 +293,15 @@ class HeadLoss(torch.autograd.Function):
                 squashed = torch.tanh(z / cap)
                 z = squashed * cap
             rows = torch.arange(len(t), device=t.device)
-            total += (torch.logsumexp(z, -1) - z[rows, t]).sum()
+            target_logit = z[rows, t]  # (C,)
+            # logsumexp and softmax in z's own memory (z is not needed after this): on a CPU each new
+            # (C, V) tensor costs more than the pass that fills it (docs/BENCHMARKS.md, Changes).
+            top = z.amax(-1, keepdim=True)  # (C, 1)
+            e = z.sub_(top).exp_()  # (C, V): exp(logits - max)
+            e_sum = e.sum(-1, keepdim=True)  # (C, 1)
+            total += (top + e_sum.log()).sum() - target_logit.sum()  # sum of logsumexp - target logit
             if need_h or need_w:
-                g = torch.softmax(z, -1)  # (C, V): dloss/dlogits = softmax - onehot
+                g = e.div_(e_sum)  # (C, V): softmax; dloss/dlogits = softmax - onehot
                 g[rows, t] -= 1
                 if cap is not None:
                     g *= 1 - squashed ** 2
@@ -303,7 +309,8 @@ class HeadLoss(torch.autograd.Function):
                 if need_h:
                     grad_h[i:i + chunk] = g @ weight  # (C, d)
                 if need_w:
-                    grad_w += g.T @ h.to(weight.dtype)  # (V, d)
+                    part = (g.T @ h.to(weight.dtype)).float()  # (V, d)
+                    grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
