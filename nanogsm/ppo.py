@@ -75,12 +75,6 @@ def value_loss(values, old_values, returns, mask, clip, n=None):
     return loss, masked_mean((clipped > unclipped).float(), mask).detach()
 
 
-def entropy(logits, mask, n=None):
-    """Mean entropy of the token distributions (B, T, V) over response tokens, in fp32."""
-    logp = logits.float().log_softmax(-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask, n)
-
-
 def grpo_advantages(rewards, group_size, eps=1e-6):
     """GRPO: each sample's reward minus its group's mean, over the group's std (groups are
     consecutive runs of group_size samples of the same prompt). rewards (N,) -> (N,)."""
@@ -123,15 +117,78 @@ def pack(prompts, responses, pad_id):
     return input_ids, resp_pos, resp_tokens, mask
 
 
-def score_responses(model, value_head, input_ids, resp_pos, resp_tokens):
-    """One forward: log-probs (B, R), values (B, R) and the response-position logits (B, R, V).
-    The LM head runs on response positions only."""
+def score_responses(model, value_head, input_ids, resp_pos, resp_tokens, chunk=1024):
+    """One forward: log-probs (B, R), values (B, R) and entropies (B, R) of the response tokens,
+    in fp32. The LM head runs on response positions only, fused with the log-softmax (`HeadScore`)."""
     hidden = model(input_ids, head=False)  # (B, L, d)
     h = hidden.gather(1, resp_pos[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, R, d)
-    logits = model.logits(h).float()  # (B, R, V)
-    logprobs = logits.log_softmax(-1).gather(-1, resp_tokens[..., None]).squeeze(-1)
-    values = value_head(h) if value_head is not None else torch.zeros_like(logprobs)
-    return logprobs, values, logits
+    weight = model.embed_tokens.weight
+    if not torch.is_grad_enabled():  # scoring: detached inputs tell HeadScore to keep nothing for backward
+        h, weight = h.detach(), weight.detach()
+    logprobs, entropies = HeadScore.apply(h.flatten(0, 1), weight, resp_tokens.flatten(), model.config.final_softcap,
+                                          chunk)
+    values = value_head(h) if value_head is not None else torch.zeros_like(h[..., 0], dtype=torch.float32)
+    return logprobs.view(resp_tokens.shape), values, entropies.view(resp_tokens.shape)
+
+
+class HeadScore(torch.autograd.Function):
+    """Tied LM head (+ Gemma 2's final soft-cap) and log-softmax in one: hidden (N, d), weight (V, d),
+    targets (N,) -> log p(target) (N,) and entropy (N,), fp32, `chunk` positions at a time.
+
+    The log-softmax is formed in the logits' own memory and only it is kept for backward (nothing
+    without gradients), where autograd through `log_softmax`, `exp` and `* logp` would keep and
+    allocate several (N, V) tensors: on a CPU each costs more than the pass that fills it.
+    With z a position's logits, p = softmax(z), H = -sum p log p:
+        d log p_t / dz = onehot_t - p,    dH / dz = -p (log p + H),
+    so for upstream gradients a = dL/dlog p_t and b = dL/dH: dL/dz = a onehot_t - p (a + b (log p + H)).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cap, chunk):
+        logprobs, entropies, ctx.logps, ctx.lses = [], [], [], []
+        for i in range(0, len(targets), chunk):
+            h, t = hidden[i:i + chunk], targets[i:i + chunk]
+            z = h @ weight.T  # (C, V); bf16 matmul under autocast
+            ctx.mm_dtype, z = z.dtype, z.float()
+            if cap is not None:
+                z = torch.tanh(z / cap) * cap
+            top = z.amax(-1, keepdim=True)  # (C, 1)
+            p = z.sub_(top).exp()  # (C, V): exp(z - max), normalised below
+            p_sum = p.sum(-1, keepdim=True)  # (C, 1)
+            logp = z.sub_(p_sum.log())  # (C, V): log-softmax, in z's memory
+            p.div_(p_sum)
+            logprobs.append(logp.gather(1, t[:, None]).squeeze(1))  # (C,)
+            entropies.append(-torch.einsum("cv,cv->c", p, logp))  # (C,): a batched dot, no (C, V) product
+            if any(ctx.needs_input_grad[:2]):
+                ctx.logps.append(logp)
+                ctx.lses.append(top + p_sum.log())  # logits = logp + lse, for the soft-cap's derivative
+        entropies = torch.cat(entropies)
+        ctx.cap, ctx.chunk = cap, chunk
+        ctx.save_for_backward(hidden, weight, targets, entropies)
+        return torch.cat(logprobs), entropies
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropies):  # a, b: (N,), (N,)
+        hidden, weight, targets, entropies = ctx.saved_tensors
+        C, cap = ctx.chunk, ctx.cap
+        w = weight.to(ctx.mm_dtype)  # the backward matmuls run in the forward's precision
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        grad_w = None
+        for k, (logp, lse) in enumerate(zip(ctx.logps, ctx.lses)):
+            sl = slice(k * C, k * C + len(logp))
+            a, b, t = grad_logprobs[sl, None], grad_entropies[sl, None], targets[sl]  # (C, 1), (C, 1), (C,)
+            g = (logp + entropies[sl, None]).mul_(b).add_(a).mul_(logp.exp()).neg_()  # (C, V): -p (a + b (log p + H))
+            g[torch.arange(len(t), device=t.device), t] += a[:, 0]
+            if cap is not None:  # logits = cap tanh(z / cap): dlogits/dz = 1 - (logits / cap)^2
+                g *= 1 - ((logp + lse) / cap) ** 2
+            g = g.to(ctx.mm_dtype)
+            grad_h[sl] = g @ w  # (C, d)
+            if ctx.needs_input_grad[1]:
+                part = (g.T @ hidden[sl].to(ctx.mm_dtype)).float()  # (V, d)
+                grad_w = part if grad_w is None else grad_w.add_(part)
+        ctx.logps = ctx.lses = None
+        grad_h = grad_h.to(hidden.dtype) if ctx.needs_input_grad[0] else None
+        return grad_h, grad_w, None, None, None
 
 
 def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_kind="k1"):
@@ -172,11 +229,11 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
             for micro in rows.split(minibatch)[rank::world]:  # under torchrun: this rank's share
                 mb = {k: v[micro] for k, v in batch.items()}
                 with autocast or torch.autocast("cpu", enabled=False):
-                    logprobs, values, logits = score_responses(model, value_head, mb["input_ids"], mb["resp_pos"],
-                                                               mb["resp_tokens"])
+                    logprobs, values, entropies = score_responses(model, value_head, mb["input_ids"], mb["resp_pos"],
+                                                                  mb["resp_tokens"])
                 pg, pg_clip, approx_kl = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], clip,
                                                      n_tokens)
-                ent = entropy(logits, mb["mask"], n_tokens)
+                ent = masked_mean(entropies, mb["mask"], n_tokens)
                 loss = pg - ent_coef * ent
                 if value_head is not None:
                     vl, vl_clip = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], clip, n_tokens)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanogsm.ppo import compute_gae, entropy, grpo_advantages, kl_penalty, policy_loss, value_loss, whiten
+from nanogsm.ppo import HeadScore, compute_gae, grpo_advantages, kl_penalty, policy_loss, value_loss, whiten
 
 
 def random_batch(B=5, T=9, seed=0):
@@ -80,14 +80,40 @@ def test_grpo_advantages_by_hand():
     assert adv.tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5, 0, 0, 0, 0], abs=1e-5)
 
 
-def test_whiten_and_entropy():
+def test_whiten():
     x, _, mask, _ = random_batch(seed=2)
     w = whiten(x * 3 + 2, mask)
     n = mask.sum()
     assert (w * mask).sum().item() == pytest.approx(0, abs=1e-4)
     assert ((w ** 2 * mask).sum() / n).item() == pytest.approx(1, abs=1e-3)
-    logits = torch.zeros(2, 3, 8)
-    assert entropy(logits, torch.ones(2, 3)).item() == pytest.approx(math.log(8))
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])  # 2.0: Gemma 2's final soft-cap, small enough to matter
+def test_head_score_equals_autograd_through_log_softmax(cap):
+    """HeadScore's log-probs, entropies and both gradients against the plain formulas under autograd,
+    with chunks that do not divide the positions."""
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 7, 5, 11
+    hidden, weight = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    a, b = torch.randn(N, generator=g), torch.randn(N, generator=g)  # upstream gradients
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logits = h1 @ w1.T
+    logits = logits if cap is None else torch.tanh(logits / cap) * cap
+    logp = logits.log_softmax(-1)
+    plain_lp, plain_ent = logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+    ((a * plain_lp).sum() + (b * plain_ent).sum()).backward()
+
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    lp, ent = HeadScore.apply(h2, w2, targets, cap, 3)
+    ((a * lp).sum() + (b * ent).sum()).backward()
+    for ours, plain in [(lp, plain_lp), (ent, plain_ent), (h2.grad, h1.grad), (w2.grad, w1.grad)]:
+        torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    uniform = HeadScore.apply(torch.zeros(2, d), weight, targets[:2], cap, 3)[1]
+    assert uniform.tolist() == pytest.approx([math.log(V)] * 2)
+    with torch.no_grad():  # scoring: the same values
+        torch.testing.assert_close(HeadScore.apply(hidden, weight, targets, cap, 4)[0], plain_lp.detach())
 
 
 # ---- learning a synthetic task end to end with the same pieces train_ppo.py uses -------------------
