@@ -153,15 +153,14 @@ class HeadScore(torch.autograd.Function):
             if cap is not None:
                 z = torch.tanh(z / cap) * cap
             top = z.amax(-1, keepdim=True)  # (C, 1)
-            p = z.sub_(top).exp()  # (C, V): exp(z - max), normalised below
-            p_sum = p.sum(-1, keepdim=True)  # (C, 1)
-            logp = z.sub_(p_sum.log())  # (C, V): log-softmax, in z's memory
-            p.div_(p_sum)
+            e = z.sub_(top).exp()  # (C, V): exp(z - max); p = e / e_sum
+            e_sum = e.sum(-1, keepdim=True)  # (C, 1)
+            logp = z.sub_(e_sum.log())  # (C, V): log-softmax, in z's memory
             logprobs.append(logp.gather(1, t[:, None]).squeeze(1))  # (C,)
-            entropies.append(-torch.einsum("cv,cv->c", p, logp))  # (C,): a batched dot, no (C, V) product
+            entropies.append(-e.mul_(logp).sum(-1) / e_sum[:, 0])  # (C,): -sum p log p, in e's memory (fp32)
             if any(ctx.needs_input_grad[:2]):
                 ctx.logps.append(logp)
-                ctx.lses.append(top + p_sum.log())  # logits = logp + lse, for the soft-cap's derivative
+                ctx.lses.append(top + e_sum.log())  # logits = logp + lse, for the soft-cap's derivative
         entropies = torch.cat(entropies)
         ctx.cap, ctx.chunk = cap, chunk
         ctx.save_for_backward(hidden, weight, targets, entropies)

@@ -88,8 +88,9 @@ def test_whiten():
     assert ((w ** 2 * mask).sum() / n).item() == pytest.approx(1, abs=1e-3)
 
 
+@pytest.mark.parametrize("bf16", [False, True])  # True: under CPU bf16 autocast, backward outside it (as ppo_update)
 @pytest.mark.parametrize("cap", [None, 2.0])  # 2.0: Gemma 2's final soft-cap, small enough to matter
-def test_head_score_equals_autograd_through_log_softmax(cap):
+def test_head_score_equals_autograd_through_log_softmax(cap, bf16):
     """HeadScore's log-probs, entropies and both gradients against the plain formulas under autograd,
     with chunks that do not divide the positions."""
     g = torch.Generator().manual_seed(0)
@@ -97,22 +98,29 @@ def test_head_score_equals_autograd_through_log_softmax(cap):
     hidden, weight = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
     targets = torch.randint(0, V, (N,), generator=g)
     a, b = torch.randn(N, generator=g), torch.randn(N, generator=g)  # upstream gradients
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    logits = h1 @ w1.T
-    logits = logits if cap is None else torch.tanh(logits / cap) * cap
-    logp = logits.log_softmax(-1)
-    plain_lp, plain_ent = logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
+    with autocast:
+        logits = (h1 @ w1.T).float()
+        logits = logits if cap is None else torch.tanh(logits / cap) * cap
+        logp = logits.log_softmax(-1)
+        plain_lp, plain_ent = logp.gather(1, targets[:, None]).squeeze(1), -(logp.exp() * logp).sum(-1)
     ((a * plain_lp).sum() + (b * plain_ent).sum()).backward()
 
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    lp, ent = HeadScore.apply(h2, w2, targets, cap, 3)
+    with autocast:
+        lp, ent = HeadScore.apply(h2, w2, targets, cap, 3)
     ((a * lp).sum() + (b * ent).sum()).backward()
-    for ours, plain in [(lp, plain_lp), (ent, plain_ent), (h2.grad, h1.grad), (w2.grad, w1.grad)]:
-        torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-5)
+    assert lp.dtype == ent.dtype == torch.float32
+    torch.testing.assert_close(lp, plain_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, plain_ent, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=2e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)  # bf16: one rounding apart
+    torch.testing.assert_close(h2.grad, h1.grad, **tol)
+    torch.testing.assert_close(w2.grad, w1.grad, **tol)
     uniform = HeadScore.apply(torch.zeros(2, d), weight, targets[:2], cap, 3)[1]
     assert uniform.tolist() == pytest.approx([math.log(V)] * 2)
-    with torch.no_grad():  # scoring: the same values
+    with torch.no_grad(), autocast:  # scoring: the same values
         torch.testing.assert_close(HeadScore.apply(hidden, weight, targets, cap, 4)[0], plain_lp.detach())
 
 
