@@ -125,6 +125,59 @@ def _rope_params(cfg, model_type):
     return {k: float(p["rope_theta"]) for k, p in params.items()}, float(scale)
 
 
+# PyTorch hands fp32 matmuls on a CPU to MKL, which runs its AVX2 code on AMD CPUs: ~0.2 TFLOP/s on
+# the two Zen 4 cores here, where oneDNN (also inside PyTorch, which runs bf16 matmuls through it)
+# runs AVX-512 at ~0.45, and 2-3x MKL's speed on the few rows of a decode step (docs/BENCHMARKS.md).
+# `mm_t` and `linear` send CPU fp32 matmuls there; everything else (CUDA, bf16, autocast, compiled
+# code, a build without oneDNN) takes PyTorch's usual path.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def on_onednn(*tensors):
+    """Whether a product of these tensors goes to oneDNN: CPU fp32, outside autocast and outside
+    torch.compile (inductor cannot lower this op with an unpacked weight; it picks its own GEMM)."""
+    return ONEDNN and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def mm_t(a, b):
+    """a @ b.T: (m, k), (n, k) -> (m, n). Either may be a transposed view."""
+    if on_onednn(a, b):
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # oneDNN's fp32 GEMM
+    return a @ b.T
+
+
+def linear(x, weight, bias=None):
+    """F.linear, with CPU fp32 products (forward and both gradients) through `mm_t`."""
+    if on_onednn(x, weight):
+        return LinearFn.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+class LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # (..., k), (n, k), (n,) or None
+        ctx.save_for_backward(x, weight)
+        y = mm_t(x.reshape(-1, x.shape[-1]), weight)  # (m, n)
+        y = y if bias is None else y.add_(bias)
+        return y.view(*x.shape[:-1], weight.shape[0])  # (..., n)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # (..., n)
+        x, weight = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])  # (m, n)
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = mm_t(g, weight.T).view(x.shape) if need_x else None  # (m, n) @ (n, k)
+        grad_w = mm_t(g.T, x.reshape(-1, x.shape[-1]).T) if need_w else None  # (n, m) @ (m, k)
+        grad_b = g.sum(0) if need_b else None
+        return grad_x, grad_w, grad_b
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * (1 + w), computed in float32.
 
@@ -165,10 +218,10 @@ class Attention(nn.Module):
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.softcap = cfg.attn_softcap
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
@@ -210,9 +263,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
@@ -328,7 +381,7 @@ class Gemma(nn.Module):
 
     def logits(self, h):
         """Tied LM head (and Gemma 2's final soft-cap): (..., d) -> (..., vocab)."""
-        logits = h @ self.embed_tokens.weight.T
+        logits = linear(h, self.embed_tokens.weight)  # (..., vocab)
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

@@ -9,6 +9,7 @@ Ouyang et al. 2022 (per-token KL penalty in the reward); Shao et al. 2024 (GRPO)
 import torch
 import torch.distributed as dist
 
+from nanogsm.model import mm_t
 from nanogsm.train import rank_world
 
 
@@ -148,7 +149,7 @@ class HeadScore(torch.autograd.Function):
         logprobs, entropies, ctx.logps, ctx.lses = [], [], [], []
         for i in range(0, len(targets), chunk):
             h, t = hidden[i:i + chunk], targets[i:i + chunk]
-            z = h @ weight.T  # (C, V); bf16 matmul under autocast
+            z = mm_t(h, weight)  # (C, V); bf16 matmul under autocast
             ctx.mm_dtype, z = z.dtype, z.float()
             if cap is not None:
                 z = torch.tanh(z / cap) * cap
@@ -181,9 +182,9 @@ class HeadScore(torch.autograd.Function):
             if cap is not None:  # logits = cap tanh(z / cap): dlogits/dz = 1 - (logits / cap)^2
                 g *= 1 - ((logp + lse) / cap) ** 2
             g = g.to(ctx.mm_dtype)
-            grad_h[sl] = g @ w  # (C, d)
+            grad_h[sl] = mm_t(g, w.T)  # (C, d)
             if ctx.needs_input_grad[1]:
-                part = (g.T @ hidden[sl].to(ctx.mm_dtype)).float()  # (V, d)
+                part = mm_t(g.T, hidden[sl].to(ctx.mm_dtype).T).float()  # (V, d)
                 grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.logps = ctx.lses = None
         grad_h = grad_h.to(hidden.dtype) if ctx.needs_input_grad[0] else None

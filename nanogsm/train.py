@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanogsm import weights
+from nanogsm.model import mm_t
 from nanogsm.gsm8k import evaluate, load_gsm8k, seeded_subset
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
@@ -288,7 +289,7 @@ class HeadLoss(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, len(targets), chunk):
             h, t = hidden[i:i + chunk], targets[i:i + chunk]
-            z = (h @ weight.T).float()  # (C, V); bf16 matmul under autocast
+            z = mm_t(h, weight).float()  # (C, V); bf16 matmul under autocast
             if cap is not None:
                 squashed = torch.tanh(z / cap)
                 z = squashed * cap
@@ -307,9 +308,9 @@ class HeadLoss(torch.autograd.Function):
                     g *= 1 - squashed ** 2
                 g = g.to(weight.dtype)  # the matmuls below run in bf16 under autocast, as the forward's
                 if need_h:
-                    grad_h[i:i + chunk] = g @ weight  # (C, d)
+                    grad_h[i:i + chunk] = mm_t(g, weight.T)  # (C, d)
                 if need_w:
-                    part = (g.T @ h.to(weight.dtype)).float()  # (V, d)
+                    part = mm_t(g.T, h.to(weight.dtype).T).float()  # (V, d)
                     grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
         return total

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, SEQ, make_hf_model
-from nanogsm.model import Gemma, GemmaConfig, KVCache
+from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, linear, mm_t
 
 
 def ids(vocab=256, batch=2, seq=SEQ, seed=1):
@@ -167,3 +167,31 @@ def test_no_pad_mask_takes_plain_causal_attention_with_the_same_result(hf_checkp
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x), model(x, pad_mask=torch.ones_like(x)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this PyTorch build has no oneDNN")
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_float64_products(bias):
+    """CPU fp32 linears run through oneDNN with a hand-written backward: output and all three
+    gradients against the same products in float64, for a 3-D input (rows flattened) and a
+    transposed input view."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40, 5, generator=g).transpose(1, 2).requires_grad_()  # (3, 5, 40), a strided view
+    w = torch.randn(24, 40, generator=g, requires_grad=True)
+    b = torch.randn(24, generator=g, requires_grad=True) if bias else None
+    grad_y = torch.randn(3, 5, 24, generator=g)
+    y = linear(x, w, b)
+    assert type(y.grad_fn).__name__ == "LinearFnBackward"  # the oneDNN path, not F.linear
+    y.backward(grad_y)
+    params = [t for t in (x, w, b) if t is not None]
+    ref = [t.detach().double().requires_grad_() for t in params]
+    y_ref = torch.nn.functional.linear(*ref)
+    y_ref.backward(grad_y.double())
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-5, rtol=1e-5)
+    for t, r in zip(params, ref):
+        torch.testing.assert_close(t.grad.double(), r.grad, atol=1e-5, rtol=1e-5)
+    # mm_t (the LM-head losses' products) on transposed views of both operands
+    a, c = torch.randn(40, 7, generator=g), torch.randn(40, 9, generator=g)
+    torch.testing.assert_close(mm_t(a.T, c.T).double(), a.T.double() @ c.double(), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps PyTorch's own (bf16) path
+        assert linear(x, w, b).dtype == torch.bfloat16 and mm_t(a.T, c.T).dtype == torch.bfloat16
