@@ -47,7 +47,8 @@ parser.add_argument("--trace", action="store_true", help="also write the Chrome 
 # Kernel (CUDA) or op (CPU) name fragments -> kind; the first match wins, the rest is "other".
 KINDS = [
     ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::bmm", "aten::addmm", "aten::matmul")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "aten::mm", "aten::bmm", "aten::addmm", "aten::matmul",
+                "mkldnn::_linear_pointwise")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("compiled (triton)", ("triton",)),
     ("copy / cast", ("copy", "memcpy", "aten::to", "cat", "index")),
@@ -63,10 +64,10 @@ def kind_of(name):
 
 
 def own_seconds(event, device):
-    """A kernel's device time (CUDA) or an aten op's own CPU time (CPU), in seconds; else None."""
+    """A kernel's device time (CUDA) or an aten or oneDNN op's own CPU time (CPU), in seconds; else None."""
     if device == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
         return event.self_device_time_total / 1e6
-    if device == "cpu" and event.key.startswith("aten::"):
+    if device == "cpu" and event.key.startswith(("aten::", "mkldnn::")):
         return event.self_cpu_time_total / 1e6
     return None
 
