@@ -125,9 +125,9 @@ def _rope_params(cfg, model_type):
     return {k: float(p["rope_theta"]) for k, p in params.items()}, float(scale)
 
 
-# PyTorch hands fp32 matmuls on a CPU to MKL, which runs its AVX2 code on AMD CPUs: ~0.2 TFLOP/s on
+# PyTorch hands fp32 matmuls on a CPU to MKL, which runs its AVX2 code on AMD CPUs: 0.20 TFLOP/s on
 # the two Zen 4 cores here, where oneDNN (also inside PyTorch, which runs bf16 matmuls through it)
-# runs AVX-512 at ~0.45, and 2-3x MKL's speed on the few rows of a decode step (docs/BENCHMARKS.md).
+# runs AVX-512 at 0.46, and 2.4-2.7x MKL's speed on the LM head of a decode step (docs/BENCHMARKS.md).
 # `mm_t` and `linear` send CPU fp32 matmuls there; everything else (CUDA, bf16, autocast, compiled
 # code, a build without oneDNN) takes PyTorch's usual path.
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -141,7 +141,9 @@ def on_onednn(*tensors):
 
 
 def mm_t(a, b):
-    """a @ b.T: (m, k), (n, k) -> (m, n). Either may be a transposed view."""
+    """a @ b.T: (m, k), (n, k) -> (m, n). Either may be a transposed view; oneDNN first copies a
+    transposed `a` to row-major (the weight gradients' g.T: ~0.7 s of a CPU SFT step, most of it the
+    LM head's (C, 262k) g), still far cheaper than MKL's GEMM, which reads transposes in place."""
     if on_onednn(a, b):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # oneDNN's fp32 GEMM
     return a @ b.T
