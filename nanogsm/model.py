@@ -142,7 +142,7 @@ def on_onednn(*tensors):
 
 def mm_t(a, b):
     """a @ b.T: (m, k), (n, k) -> (m, n). Either may be a transposed view; oneDNN first copies a
-    transposed `a` to row-major (the weight gradients' g.T: ~0.7 s of a CPU SFT step, most of it the
+    transposed `a` to row-major (the weight gradients' g.T: ~0.9 s of a CPU SFT step, most of it the
     LM head's (C, 262k) g), still far cheaper than MKL's GEMM, which reads transposes in place."""
     if on_onednn(a, b):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # oneDNN's fp32 GEMM

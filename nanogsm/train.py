@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanogsm import weights
-from nanogsm.model import mm_t
 from nanogsm.gsm8k import evaluate, load_gsm8k, seeded_subset
+from nanogsm.model import mm_t
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
