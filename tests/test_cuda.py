@@ -1,5 +1,6 @@
 """GPU-only checks, skipped without CUDA: decode steps replayed from a recorded CUDA graph give
-the same tokens and log-probs as plain eager steps, in each dtype setup the project uses."""
+the same tokens and log-probs as plain eager steps, in each dtype setup the project uses; the
+training paths that differ on CUDA (flash attention, the fused heads under CUDA autocast)."""
 import pytest
 import torch
 
@@ -63,3 +64,14 @@ def test_training_attention_takes_the_flash_kernel_and_is_as_exact_as_the_masked
     errors = {name: [((a - ref).norm() / ref.norm()).item() for a, ref in zip(results[name], results["fp32"])]
               for name in ("flash", "masked")}
     assert all(e_flash <= 2 * e_masked + 1e-3 for e_flash, e_masked in zip(*errors.values())), errors
+
+
+@pytest.mark.parametrize("cap", [None, 2.0])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_heads_on_cuda_equal_autograd_through_the_plain_formulas(cap, bf16):
+    """HeadLoss (SFT) and HeadScore (PPO) run their own gradient arithmetic; here on CUDA, in fp32
+    and under bf16 autocast, against the plain formulas (the CPU tests' checks)."""
+    from test_ppo import check_head_score
+    from test_train import check_head_loss
+    check_head_loss(cap, bf16, "cuda")
+    check_head_score(cap, bf16, "cuda")

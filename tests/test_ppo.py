@@ -91,14 +91,19 @@ def test_whiten():
 @pytest.mark.parametrize("bf16", [False, True])  # True: under CPU bf16 autocast, backward outside it (as ppo_update)
 @pytest.mark.parametrize("cap", [None, 2.0])  # 2.0: Gemma 2's final soft-cap, small enough to matter
 def test_head_score_equals_autograd_through_log_softmax(cap, bf16):
+    check_head_score(cap, bf16, "cpu")
+
+
+def check_head_score(cap, bf16, device):
     """HeadScore's log-probs, entropies and both gradients against the plain formulas under autograd,
-    with chunks that do not divide the positions."""
+    with chunks that do not divide the positions (tests/test_cuda.py runs it on CUDA)."""
     g = torch.Generator().manual_seed(0)
     N, d, V = 7, 5, 11
     hidden, weight = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
     targets = torch.randint(0, V, (N,), generator=g)
     a, b = torch.randn(N, generator=g), torch.randn(N, generator=g)  # upstream gradients
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    hidden, weight, targets, a, b = (t.to(device) for t in (hidden, weight, targets, a, b))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with autocast:
@@ -118,7 +123,7 @@ def test_head_score_equals_autograd_through_log_softmax(cap, bf16):
     tol = dict(atol=2e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)  # bf16: one rounding apart
     torch.testing.assert_close(h2.grad, h1.grad, **tol)
     torch.testing.assert_close(w2.grad, w1.grad, **tol)
-    uniform = HeadScore.apply(torch.zeros(2, d), weight, targets[:2], cap, 3)[1]
+    uniform = HeadScore.apply(torch.zeros(2, d, device=device), weight, targets[:2], cap, 3)[1]
     assert uniform.tolist() == pytest.approx([math.log(V)] * 2)
     with torch.no_grad(), autocast:  # scoring: the same values
         torch.testing.assert_close(HeadScore.apply(hidden, weight, targets, cap, 4)[0], plain_lp.detach())

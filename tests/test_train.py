@@ -203,6 +203,40 @@ def test_chunked_loss_equals_full_logits_loss(family, hf_checkpoint):
         torch.testing.assert_close(a, p.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("cap", [None, 2.0])
+def test_head_loss_equals_autograd_through_cross_entropy(cap, bf16):
+    check_head_loss(cap, bf16, "cpu")
+
+
+def check_head_loss(cap, bf16, device):
+    """HeadLoss (its loss and both gradients, formed in its forward) against F.cross_entropy on full
+    logits under autograd, in the same autocast, with chunks that do not divide the positions
+    (tests/test_cuda.py runs it on CUDA)."""
+    from nanogsm.train import HeadLoss
+    g = torch.Generator().manual_seed(0)
+    N, d, V = 7, 5, 11
+    hidden, weight = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    hidden, weight, targets = (t.to(device) for t in (hidden, weight, targets))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with autocast:
+        logits = (h1 @ w1.T).float()
+        logits = logits if cap is None else torch.tanh(logits / cap) * cap
+        plain = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (2 * plain).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with autocast:
+        loss = HeadLoss.apply(h2, w2, targets, cap, 3)
+    (2 * loss).backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=2e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)  # bf16: one rounding apart
+    torch.testing.assert_close(h2.grad, h1.grad, **tol)
+    torch.testing.assert_close(w2.grad, w1.grad, **tol)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_with_tokenizer, tmp_path, data_dir):
     result = train("--model", tiny_with_tokenizer, "--max-examples", 12, "--batch-size", 2, "--grad-accum", 1,
                    "--max-seq-length", 256, "--lr", 1e30, "--warmup-frac", 0, "--save-every", 1, "--eval-n", 0,
