@@ -329,6 +329,7 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.grad_checkpointing = False  # recompute each block's activations in backward
+        self.compiled = False  # compile_blocks() was called (the training loss then compiles its head too)
 
     def forward(self, input_ids, pad_mask=None, cache=None, last_only=False, head=True):
         """input_ids (B, T) -> logits (B, T, vocab).
@@ -421,6 +422,7 @@ class Gemma(nn.Module):
         on CUDA a recorded decode step holds the compiled kernels."""
         for block in self.layers:
             block.compile()
+        self.compiled = True
 
 
 def hf_to_ours(cfg: GemmaConfig):

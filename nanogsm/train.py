@@ -251,13 +251,17 @@ def n_target_tokens(labels):
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def token_loss_sum(model, input_ids, labels, chunk=1024):
+def token_loss_sum(model, input_ids, labels, chunk=None):
     """Sum (not mean) of next-token cross-entropy over labelled tokens, in fp32. Callers divide by
     the labelled-token count of the whole effective batch.
 
     The LM head and the loss are fused (`HeadLoss`): they run only on labelled positions, `chunk`
     of them at a time. With Gemma's 256k vocabulary, full fp32 logits (and their gradient) would
-    be the largest tensors of the step (8 x 512 x 256k x 4 bytes = 4 GiB each).
+    be the largest tensors of the step (8 x 512 x 256k x 4 bytes = 4 GiB each). A chunk's fp32
+    logits take chunk x 1 MiB: 1024 positions by default; 4096 on a GPU when the head itself is
+    trained (full SFT), where each chunk adds its fp32 (vocab, d) head gradient into the total:
+    8% of a gemma-2b step at 1024 (docs/BENCHMARKS.md). After `model.compile_blocks()` (--compile)
+    a chunk's softmax arithmetic is compiled too.
 
     Labels may stay on the CPU (the training loop keeps them there): the labelled positions are
     then found on the host, and the step never waits for the device to count them.
@@ -269,49 +273,33 @@ def token_loss_sum(model, input_ids, labels, chunk=1024):
     weight = model.embed_tokens.weight
     if not torch.is_grad_enabled():  # evaluation: detached inputs tell HeadLoss to skip the gradients
         hidden, weight = hidden.detach(), weight.detach()
-    return HeadLoss.apply(hidden[keep], weight, targets[keep], model.config.final_softcap, chunk)
+    chunk = chunk or (4096 if hidden.is_cuda and weight.requires_grad else 1024)
+    xent = compiled_chunk_cross_entropy if model.compiled else chunk_cross_entropy
+    return HeadLoss.apply(hidden[keep], weight, targets[keep], model.config.final_softcap, chunk, xent)
 
 
 class HeadLoss(torch.autograd.Function):
     """sum_n cross_entropy(softcap(hidden[n] @ weight.T), targets[n]), chunk by chunk, with both
     gradients computed in the forward while each chunk's logits exist (so backward only scales
-    them: no logits are kept and none are recomputed).
-
-    Per chunk, z = h W^T (C, V); logits = cap * tanh(z / cap) (or z); loss = logsumexp - logit of
-    the target. dloss/dlogits = softmax - onehot; dlogits/dz = 1 - tanh^2; dz/dh = W, dz/dW = h.
+    them: no logits are kept and none are recomputed). `xent`: `chunk_cross_entropy`, compiled or not.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, cap, chunk):  # (N, d), (V, d), (N,)
+    def forward(ctx, hidden, weight, targets, cap, chunk, xent):  # (N, d), (V, d), (N,)
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = None  # (V, d) fp32: the first chunk's product, later ones added to it
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, len(targets), chunk):
-            h, t = hidden[i:i + chunk], targets[i:i + chunk]
-            z = mm_t(h, weight).float()  # (C, V); bf16 matmul under autocast
-            if cap is not None:
-                squashed = torch.tanh(z / cap)
-                z = squashed * cap
-            rows = torch.arange(len(t), device=t.device)
-            target_logit = z[rows, t]  # (C,)
-            # logsumexp and softmax in z's own memory (z is not needed after this): on a CPU each new
-            # (C, V) tensor costs more than the pass that fills it (docs/BENCHMARKS.md, Changes).
-            top = z.amax(-1, keepdim=True)  # (C, 1)
-            e = z.sub_(top).exp_()  # (C, V): exp(logits - max)
-            e_sum = e.sum(-1, keepdim=True)  # (C, 1)
-            total += (top + e_sum.log()).sum() - target_logit.sum()  # sum of logsumexp - target logit
-            if need_h or need_w:
-                g = e.div_(e_sum)  # (C, V): softmax; dloss/dlogits = softmax - onehot
-                g[rows, t] -= 1
-                if cap is not None:
-                    g *= 1 - squashed ** 2
-                g = g.to(weight.dtype)  # the matmuls below run in bf16 under autocast, as the forward's
-                if need_h:
-                    grad_h[i:i + chunk] = mm_t(g, weight.T)  # (C, d)
-                if need_w:
-                    part = mm_t(g.T, h.to(weight.dtype).T).float()  # (V, d)
-                    grad_w = part if grad_w is None else grad_w.add_(part)
+            h = hidden[i:i + chunk]
+            z = mm_t(h, weight)  # (C, V); bf16 matmul under autocast
+            loss, g = xent(z, targets[i:i + chunk], cap, need_h or need_w)  # g: dloss/dz (C, V), z's dtype
+            total += loss
+            if need_h:  # the matmuls below run in z's dtype, as the forward's
+                grad_h[i:i + chunk] = mm_t(g, weight.T)  # (C, d)
+            if need_w:
+                part = mm_t(g.T, h.to(weight.dtype).T).float()  # (V, d)
+                grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.save_for_backward(grad_h, grad_w)
         return total
 
@@ -320,7 +308,41 @@ class HeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_total if grad_h is not None else None
         grad_w = grad_w * grad_total if grad_w is not None else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
+
+
+def chunk_cross_entropy(z, targets, cap, need_grad):
+    """One chunk of HeadLoss: z = h W^T (C, V) and targets (C,) -> the summed loss (fp32) and, if
+    need_grad, dloss/dz (C, V) in z's dtype, all arithmetic in fp32.
+
+    logits = cap * tanh(z / cap) (or z); loss = logsumexp - logit of the target.
+    dloss/dlogits = softmax - onehot; dlogits/dz = 1 - tanh^2.
+    """
+    dtype, z = z.dtype, z.float()
+    if cap is not None:
+        squashed = torch.tanh(z / cap)
+        z = squashed * cap
+    rows = torch.arange(len(targets), device=targets.device)
+    target_logit = z[rows, targets]  # (C,)
+    # logsumexp and softmax in z's own memory (z is not needed after this): on a CPU each new
+    # (C, V) tensor costs more than the pass that fills it (docs/BENCHMARKS.md, Changes).
+    top = z.amax(-1, keepdim=True)  # (C, 1)
+    e = z.sub_(top).exp_()  # (C, V): exp(logits - max)
+    e_sum = e.sum(-1, keepdim=True)  # (C, 1)
+    loss = (top + e_sum.log()).sum() - target_logit.sum()  # sum of logsumexp - target logit
+    if not need_grad:
+        return loss, None
+    g = e.div_(e_sum)  # (C, V): softmax
+    g[rows, targets] -= 1
+    if cap is not None:
+        g *= 1 - squashed ** 2
+    return loss, g.to(dtype)
+
+
+# Compiled, the ~8 passes above over fp32 logits become one kernel that reads the bf16 logits (an
+# online max and sum, then g written): gemma-2b step on an H200 -8% (docs/BENCHMARKS.md). It compiles
+# on first use.
+compiled_chunk_cross_entropy = torch.compile(chunk_cross_entropy)
 
 
 # ---- schedule and logging --------------------------------------------------------------------

@@ -69,9 +69,11 @@ def test_training_attention_takes_the_flash_kernel_and_is_as_exact_as_the_masked
 @pytest.mark.parametrize("cap", [None, 2.0])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_fused_heads_on_cuda_equal_autograd_through_the_plain_formulas(cap, bf16):
-    """HeadLoss (SFT) and HeadScore (PPO) run their own gradient arithmetic; here on CUDA, in fp32
-    and under bf16 autocast, against the plain formulas (the CPU tests' checks)."""
+    """HeadLoss (SFT; eager and with its chunk arithmetic compiled, as --compile runs it) and HeadScore
+    (PPO) run their own gradient arithmetic; here on CUDA, in fp32 and under bf16 autocast, against
+    the plain formulas (the CPU tests' checks)."""
     from test_ppo import check_head_score
     from test_train import check_head_loss
     check_head_loss(cap, bf16, "cuda")
+    check_head_loss(cap, bf16, "cuda", compiled=True)
     check_head_score(cap, bf16, "cuda")

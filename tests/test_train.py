@@ -209,11 +209,12 @@ def test_head_loss_equals_autograd_through_cross_entropy(cap, bf16):
     check_head_loss(cap, bf16, "cpu")
 
 
-def check_head_loss(cap, bf16, device):
+def check_head_loss(cap, bf16, device, compiled=False):
     """HeadLoss (its loss and both gradients, formed in its forward) against F.cross_entropy on full
     logits under autograd, in the same autocast, with chunks that do not divide the positions
-    (tests/test_cuda.py runs it on CUDA)."""
-    from nanogsm.train import HeadLoss
+    (tests/test_cuda.py runs it on CUDA). compiled: the chunk arithmetic through torch.compile."""
+    from nanogsm.train import HeadLoss, chunk_cross_entropy, compiled_chunk_cross_entropy
+    xent = compiled_chunk_cross_entropy if compiled else chunk_cross_entropy
     g = torch.Generator().manual_seed(0)
     N, d, V = 7, 5, 11
     hidden, weight = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
@@ -228,7 +229,7 @@ def check_head_loss(cap, bf16, device):
     (2 * plain).backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with autocast:
-        loss = HeadLoss.apply(h2, w2, targets, cap, 3)
+        loss = HeadLoss.apply(h2, w2, targets, cap, 3, xent)
     (2 * loss).backward()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
