@@ -26,10 +26,12 @@ want train-compare && suite 230 --only train --train-variants full lora full+com
     --train-seq 512 --out "$out/train-compare.json"
 profile() { timeout "$1" "$py" -m bench.profile_step --shape gemma-2b --seq 512 "${@:3}" --out "$out/profile-$2.json" \
     || echo "profile failed or timed out: $2"; }
-if want profile; then  # training's time by kind of kernel, and the syncs inside one step
+if want profile; then  # training's time by kind of kernel, the syncs inside one step; a batch-1 decode step
     profile 50 full --trace
     profile 50 full-masked --attn-mask
     profile 80 full-compile-accum2 --compile --accum 2
     profile 80 lora-compile --lora --compile
+    timeout 120 "$py" -m bench.profile_decode --shape gemma-2b --batch 1 --compile --out "$out/profile-decode.json" \
+        || echo "decode profile failed or timed out"
 fi
 echo "done: parts$parts"

@@ -47,6 +47,19 @@ def test_profile_step_runs_the_training_step_and_splits_its_time(tiny_with_token
     assert "| matmul |" in result.stdout
 
 
+def test_profile_decode_splits_a_decode_step_by_kind(tiny_with_tokenizer, tmp_path):
+    out = tmp_path / "profile-decode.json"
+    result = subprocess.run([sys.executable, "-m", "bench.profile_decode", "--model", str(tiny_with_tokenizer), "--batch", "1",
+                             "--prompt-len", "8", "--new-tokens", "4", "--threads", "1", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["kinds"]["matmul"]["s_per_step"] > 0 and report["kinds"]["matmul"]["per_step"] > 0
+    assert 0 < report["busy_step_s"] <= 1.5 * report["wall_step_s"]  # the profiled run includes its prefill
+    assert 0 < report["bound_step_s"] and report["top"][0]["calls_per_step"] > 0
+    assert "| matmul |" in result.stdout
+
+
 def test_suite_runs_the_real_gsm8k_workloads(tiny_with_tokenizer, tmp_path, data_dir):
     """--train-data gsm8k trains on a train_sft.py micro-batch (prompt tokens unlabelled); --decode-pad
     pads one decode row; the eval workload generates for seeded test prompts with evaluate.py's stop
