@@ -281,7 +281,10 @@ def token_loss_sum(model, input_ids, labels, chunk=None):
 class HeadLoss(torch.autograd.Function):
     """sum_n cross_entropy(softcap(hidden[n] @ weight.T), targets[n]), chunk by chunk, with both
     gradients computed in the forward while each chunk's logits exist (so backward only scales
-    them: no logits are kept and none are recomputed). `xent`: `chunk_cross_entropy`, compiled or not.
+    them: no logits are kept and none are recomputed).
+
+    Per chunk, z = h W^T (C, V); `xent` (`chunk_cross_entropy`, compiled or not) gives the chunk's
+    loss and g = dloss/dz; then dloss/dh = g W and dloss/dW = g^T h.
     """
 
     @staticmethod
