@@ -1,6 +1,7 @@
 """What the training scripts share: device choice, SFT examples and batching, the token loss, the
 LR schedule, step logging, and checkpoints that resume exactly. Plain functions, no trainer class."""
 import atexit
+import functools
 import json
 import math
 import os
@@ -274,7 +275,7 @@ def token_loss_sum(model, input_ids, labels, chunk=None):
     if not torch.is_grad_enabled():  # evaluation: detached inputs tell HeadLoss to skip the gradients
         hidden, weight = hidden.detach(), weight.detach()
     chunk = chunk or (4096 if hidden.is_cuda and weight.requires_grad else 1024)
-    xent = compiled_chunk_cross_entropy if model.compiled else chunk_cross_entropy
+    xent = compiled_chunk_cross_entropy() if model.compiled else chunk_cross_entropy
     return HeadLoss.apply(hidden[keep], weight, targets[keep], model.config.final_softcap, chunk, xent)
 
 
@@ -327,7 +328,7 @@ def chunk_cross_entropy(z, targets, cap, need_grad):
         z = squashed * cap
     rows = torch.arange(len(targets), device=targets.device)
     target_logit = z[rows, targets]  # (C,)
-    # logsumexp and softmax in z's own memory (z is not needed after this): on a CPU each new
+    # logsumexp and softmax in z's own memory (HeadLoss does not use z again): on a CPU each new
     # (C, V) tensor costs more than the pass that fills it (docs/BENCHMARKS.md, Changes).
     top = z.amax(-1, keepdim=True)  # (C, 1)
     e = z.sub_(top).exp_()  # (C, V): exp(logits - max)
@@ -342,10 +343,12 @@ def chunk_cross_entropy(z, targets, cap, need_grad):
     return loss, g.to(dtype)
 
 
-# Compiled, the ~8 passes above over fp32 logits become one kernel that reads the bf16 logits (an
-# online max and sum, then g written): gemma-2b step on an H200 -8% (docs/BENCHMARKS.md). It compiles
-# on first use.
-compiled_chunk_cross_entropy = torch.compile(chunk_cross_entropy)
+@functools.cache  # made on first use: torch.compile imports its compiler (~0.65 s) for every script
+def compiled_chunk_cross_entropy():
+    """chunk_cross_entropy through torch.compile. Compiled, its ~8 passes over fp32 logits become one
+    kernel that reads the bf16 logits (an online max and sum, then g written): gemma-2b step on an
+    H200 -8% (docs/BENCHMARKS.md)."""
+    return torch.compile(chunk_cross_entropy)
 
 
 # ---- schedule and logging --------------------------------------------------------------------

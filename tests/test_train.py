@@ -214,7 +214,7 @@ def check_head_loss(cap, bf16, device, compiled=False):
     logits under autograd, in the same autocast, with chunks that do not divide the positions
     (tests/test_cuda.py runs it on CUDA). compiled: the chunk arithmetic through torch.compile."""
     from nanogsm.train import HeadLoss, chunk_cross_entropy, compiled_chunk_cross_entropy
-    xent = compiled_chunk_cross_entropy if compiled else chunk_cross_entropy
+    xent = compiled_chunk_cross_entropy() if compiled else chunk_cross_entropy
     g = torch.Generator().manual_seed(0)
     N, d, V = 7, 5, 11
     hidden, weight = torch.randn(N, d, generator=g), torch.randn(V, d, generator=g)
