@@ -16,7 +16,6 @@ import collections
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -36,7 +35,7 @@ parser.add_argument("--out", help="JSON file (default runs/profile-decode-<time>
 
 
 def main(args):
-    from bench.suite import bandwidth_bound, random_folder
+    from bench.suite import bandwidth_bound, best_time, random_folder, sync
     from nanogsm.generate import generate
     from nanogsm.model import Gemma
     from nanogsm.weights import resolve
@@ -50,19 +49,11 @@ def main(args):
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 32000, (args.batch, args.prompt_len), generator=gen).tolist()
     run = lambda: generate(model, prompts, args.new_tokens)  # noqa: E731  same shapes every call: no recompile
-    run()  # warm-up: compile, record the step
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    run()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    wall_step = (time.perf_counter() - t) / args.new_tokens
+    wall_step = best_time(run, device, 1) / args.new_tokens  # after a warm-up run: compile, record the step
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
         run()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
 
     steps = args.new_tokens
     kinds = collections.defaultdict(lambda: [0.0, 0])  # kind -> [seconds, count]
