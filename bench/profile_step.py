@@ -7,11 +7,13 @@
 It runs `sft_step` from nanogsm/train.py, the step train_sft.py / train_lora.py run, on random
 micro-batches built on the host as the training loop builds them, then:
   syncs    on CUDA, every synchronizing call inside one step (torch.cuda.set_sync_debug_mode), with
-           the line that made it. The step has one by design: the loss and gradient norm are read
-           back once, for logging and the finite-loss check, before the optimizer step.
+           the line that made it. The step reads the loss and gradient norm back once (logging,
+           the finite-loss check) by waiting on an event, which this mode does not flag; the
+           profile's runtime calls count it (cudaEventSynchronize).
   profile  one step under torch.profiler: device time by kind of kernel (CUDA) or op time by kind
            of op (CPU), as ms per step and share of the step's wall time; the rest is time the
-           device sat idle (CUDA) or Python and framework overhead (CPU). --trace writes the
+           device sat idle (CUDA: with its longest gaps and the kernels around them) or Python
+           and framework overhead (CPU). --trace writes the
            Chrome trace next to the JSON (open it in chrome://tracing or ui.perfetto.dev).
 --attn-mask passes an all-true pad mask, the masked attention path every step took before
 training's plain-causal path existed (for before/after numbers).
@@ -72,6 +74,22 @@ def own_seconds(event, device):
     return None
 
 
+def idle_gaps(prof, n=6):
+    """The device's idle stretches between the step's first and last kernel: (total s, count,
+    total s in gaps under 20 us, the n longest as (s, kernel before, kernel after)). Many short
+    gaps: the host launches kernels slower than they run; a few long ones: the host waited."""
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    gaps, end, before = [], None, None
+    for e in kernels:
+        if end is not None and e.time_range.start > end:
+            gaps.append(((e.time_range.start - end) / 1e6, before, e.name))
+        if end is None or e.time_range.end > end:
+            end, before = e.time_range.end, e.name
+    short = sum(s for s, _, _ in gaps if s < 20e-6)
+    return sum(s for s, _, _ in gaps), len(gaps), short, sorted(gaps, reverse=True)[:n]
+
+
 def build(args, device):
     from bench.suite import random_folder, training_model
     from nanogsm.weights import resolve
@@ -115,7 +133,7 @@ def main(args):
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
-        syncs = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+        syncs = [f"{'/'.join(Path(w.filename).parts[-2:])}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     report["syncs"] = dict(collections.Counter(syncs))
 
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -144,6 +162,10 @@ def main(args):
     report["cuda_runtime_calls"] = dict(runtime)
     report["top"] = [{"name": e.key[:120], "s": s, "count": e.count}
                      for s, e in sorted(timed, key=lambda se: -se[0])[:15]]
+    if device == "cuda":
+        idle, n_gaps, short, longest = idle_gaps(prof)
+        report["idle_between_kernels"] = {"s": idle, "gaps": n_gaps, "s_in_gaps_under_20us": short,
+                                          "longest": [{"s": s, "after": a[:80], "before": b[:80]} for s, a, b in longest]}
 
     out = Path(args.out or f"runs/profile-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +191,12 @@ def main(args):
         print(f"| {kind} | {1e3 * v['s']:.1f} | {100 * v['s'] / profiled_wall:.1f}% | {v['count']} |")
     rest = "device idle" if device == "cuda" else "outside ops (Python, framework)"
     print(f"| {rest} | {1e3 * (profiled_wall - busy):.1f} | {100 * (profiled_wall - busy) / profiled_wall:.1f}% | |")
+    if device == "cuda":
+        gaps = report["idle_between_kernels"]
+        print(f"idle between the first and last kernel: {1e3 * gaps['s']:.1f} ms in {gaps['gaps']} gaps "
+              f"({1e3 * gaps['s_in_gaps_under_20us']:.1f} ms in gaps under 20 us); longest:")
+        for g in gaps["longest"]:
+            print(f"  {1e3 * g['s']:.2f} ms after {g['after'][:50]} before {g['before'][:50]}")
     print("top:", "; ".join(f"{t['name'][:60]} {1e3 * t['s']:.1f} ms x{t['count']}" for t in report["top"][:8]))
     print(f"wrote {out}" + (f" and {trace}.gz" if args.trace else ""))
 

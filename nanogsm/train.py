@@ -216,11 +216,19 @@ def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
         dist.all_reduce(loss_sum)
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = full(torch.nn.utils.clip_grad_norm_(params, clip))  # of the whole gradient, all shards
-    loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()
-    if not math.isfinite(loss_sum):
-        raise FloatingPointError(f"loss is {loss_sum}")
+    # The step's one read-back (logging, the finite-loss check) must not leave the device idle: the
+    # copy is queued before the optimizer step and waited for after it, so AdamW runs meanwhile.
+    logged = torch.stack([loss_sum, grad_norm.float()]).to("cpu", non_blocking=True)  # pinned on CUDA
+    copied = torch.cuda.Event() if loss_sum.is_cuda else None
+    if copied is not None:
+        copied.record()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if copied is not None:
+        copied.synchronize()
+    loss_sum, grad_norm = logged.tolist()
+    if not math.isfinite(loss_sum):  # the update is applied; the caller stops, keeping the last checkpoint
+        raise FloatingPointError(f"loss is {loss_sum}")
     seen = sum(int((ids != pad_id).sum()) for ids, _ in batches)
     return {"loss": loss_sum, "grad_norm": grad_norm, "tok_per_s": round(seen / (time.perf_counter() - t0))}
 

@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -85,3 +88,18 @@ def test_suite_runs_the_real_gsm8k_workloads(tiny_with_tokenizer, tmp_path, data
     assert ev["same_outputs"] == 1.0  # same weights, greedy, fp32: the same tokens on both sides
     assert ev["nanogsm"]["tokens"] == ev["hf"]["tokens"]
     assert "| eval | one-shot-instruct, 3 problems, greedy | 16 |" in result.stdout
+
+def test_idle_gaps_finds_the_device_idle_stretches_between_kernels():
+    """Hand-made kernel events (us): overlapping kernels are one busy stretch; gaps are measured
+    from the latest end so far, and named by the kernels around them."""
+    from types import SimpleNamespace
+
+    from bench.profile_step import idle_gaps
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    spans = [("a", 0, 10, cuda), ("b", 5, 30, cuda), ("c", 12, 20, cuda), ("host", 30, 500, cpu),
+             ("d", 35, 40, cuda), ("e", 1040, 1050, cuda)]  # gaps: 30 -> 35 (after b), 40 -> 1040 (after d)
+    prof = SimpleNamespace(events=lambda: [SimpleNamespace(name=n, time_range=SimpleNamespace(start=s, end=e),
+                                                           device_type=t) for n, s, e, t in spans])
+    total, count, short, longest = idle_gaps(prof)
+    assert count == 2 and total == pytest.approx(1005e-6) and short == pytest.approx(5e-6)
+    assert longest == [(pytest.approx(1000e-6), "d", "e"), (pytest.approx(5e-6), "b", "d")]

@@ -77,3 +77,10 @@ def test_fused_heads_on_cuda_equal_autograd_through_the_plain_formulas(cap, bf16
     check_head_loss(cap, bf16, "cuda")
     check_head_loss(cap, bf16, "cuda", compiled=True)
     check_head_score(cap, bf16, "cuda")
+
+
+def test_sft_step_on_cuda_equals_plain_autograd(hf_checkpoint):
+    """The training step on CUDA, where the loss and gradient norm come back by an asynchronous copy
+    that the optimizer step does not wait for (the CPU test's check)."""
+    from test_train import check_sft_step
+    check_sft_step(hf_checkpoint("gemma2")[1], "cuda")

@@ -238,6 +238,40 @@ def check_head_loss(cap, bf16, device, compiled=False):
     torch.testing.assert_close(w2.grad, w1.grad, **tol)
 
 
+def check_sft_step(folder, device):
+    """sft_step (two micro-batches, clipping, AdamW, the read-back of loss and gradient norm) against
+    plain autograd through full logits: the logged loss and pre-clip norm, and the weights after the
+    update (tests/test_cuda.py runs it on CUDA, where the read-back is an asynchronous copy)."""
+    from nanogsm.train import sft_step
+    batches = [collate(random_examples(3, seed=s), 0) for s in (1, 2)]
+    n = sum(n_target_tokens(labels) for _, labels in batches)
+    results = []
+    for plain in (False, True):
+        model = Gemma.from_pretrained(folder).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)  # each weight moves ~1e-3
+        if not plain:
+            stats = sft_step(model, opt, batches, device, torch.autocast(device, enabled=False), clip=0.5, pad_id=0)
+        else:
+            loss = sum(torch.nn.functional.cross_entropy(model(ids.to(device))[:, :-1].float().flatten(0, 1),
+                                                         labels[:, 1:].flatten().to(device), reduction="sum")
+                       for ids, labels in batches) / n  # ignore_index -100: the prompt tokens
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            stats = {"loss": loss.item(), "grad_norm": norm.item()}
+        results.append((stats, [p.detach().cpu() for p in model.parameters()]))
+    (stats, weights), (ref_stats, ref_weights) = results
+    assert stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-5)
+    assert stats["grad_norm"] == pytest.approx(ref_stats["grad_norm"], rel=1e-4) and ref_stats["grad_norm"] > 0.5
+    for a, b in zip(weights, ref_weights):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert any((a != p).any() for a, p in zip(weights, Gemma.from_pretrained(folder).parameters()))
+
+
+def test_sft_step_equals_plain_autograd_clipping_and_adamw(hf_checkpoint):
+    check_sft_step(hf_checkpoint("gemma2")[1], "cpu")
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_with_tokenizer, tmp_path, data_dir):
     result = train("--model", tiny_with_tokenizer, "--max-examples", 12, "--batch-size", 2, "--grad-accum", 1,
                    "--max-seq-length", 256, "--lr", 1e30, "--warmup-frac", 0, "--save-every", 1, "--eval-n", 0,
