@@ -193,5 +193,10 @@ def test_onednn_linear_equals_float64_products(bias):
     # mm_t (the LM-head losses' products) on transposed views of both operands
     a, c = torch.randn(40, 7, generator=g), torch.randn(40, 9, generator=g)
     torch.testing.assert_close(mm_t(a.T, c.T).double(), a.T.double() @ c.double(), atol=1e-5, rtol=1e-5)
+    for rows in (1, 2, 16, 17):  # 2-16 rows (a batched decode step): oneDNN gets the operands swapped
+        a1, c1 = torch.randn(rows, 40, generator=g), torch.randn(300, 40, generator=g)
+        out = mm_t(a1, c1)
+        assert out.shape == (rows, 300) and out.is_contiguous()
+        torch.testing.assert_close(out.double(), a1.double() @ c1.double().T, atol=1e-5, rtol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps PyTorch's own (bf16) path
         assert linear(x, w, b).dtype == torch.bfloat16 and mm_t(a.T, c.T).dtype == torch.bfloat16
