@@ -145,11 +145,12 @@ def mm_t(a, b):
     transposed `a` to row-major (the weight gradients' g.T: ~0.9 s of a CPU SFT step, most of it the
     LM head's (C, 262k) g), still far cheaper than MKL's GEMM, which reads transposes in place.
     With 2-16 rows in `a` (a batched decode step) oneDNN is faster on the swapped product
-    (b @ a.T).T: Gemma 3 270M's batch-16 LM head 35 -> 28 ms here; with 1 row it is the same, with
-    more than 16 slower."""
+    (b @ a.T).T: Gemma 3 270M's batch-16 decode step +5% here; with 1 row it is the same, with
+    more than 16 rows slower."""
     if on_onednn(a, b):
-        if 1 < a.shape[0] <= 16 < b.shape[0]:  # (n, m) -> (m, n)
-            return torch.ops.mkldnn._linear_pointwise(b, a, None, "none", [], "").T.contiguous()
+        if 1 < a.shape[0] <= 16 < b.shape[0]:
+            y = torch.ops.mkldnn._linear_pointwise(b, a, None, "none", [], "")  # (n, m)
+            return y.T[None].contiguous()[0]  # a 2-D transpose is copied on one thread, a 3-D one on all
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # oneDNN's fp32 GEMM
     return a @ b.T
 
