@@ -13,8 +13,8 @@ micro-batches built on the host as the training loop builds them, then:
   profile  one step under torch.profiler: device time by kind of kernel (CUDA) or op time by kind
            of op (CPU), as ms per step and share of the step's wall time; the rest is time the
            device sat idle (CUDA: with its longest gaps and the kernels around them) or Python
-           and framework overhead (CPU). --trace writes the
-           Chrome trace next to the JSON (open it in chrome://tracing or ui.perfetto.dev).
+           and framework overhead (CPU). --trace writes the Chrome trace next to the JSON (open
+           it in chrome://tracing or ui.perfetto.dev).
 --attn-mask passes an all-true pad mask, the masked attention path every step took before
 training's plain-causal path existed (for before/after numbers).
 """

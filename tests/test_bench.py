@@ -89,6 +89,7 @@ def test_suite_runs_the_real_gsm8k_workloads(tiny_with_tokenizer, tmp_path, data
     assert ev["nanogsm"]["tokens"] == ev["hf"]["tokens"]
     assert "| eval | one-shot-instruct, 3 problems, greedy | 16 |" in result.stdout
 
+
 def test_idle_gaps_finds_the_device_idle_stretches_between_kernels():
     """Hand-made kernel events (us): overlapping kernels are one busy stretch; gaps are measured
     from the latest end so far, and named by the kernels around them."""
