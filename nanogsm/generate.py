@@ -3,11 +3,13 @@
 Prompts of different lengths are left-padded; `Gemma.forward` derives each row's positions and
 masks from the cache's `valid` slots, so a padded row computes exactly what it would alone.
 Finished rows are dropped from the batch (and from the cache) once enough of them are done.
-On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`).
+On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`). On the CPU the
+decode steps read oneDNN's blocked copies of the fp32 weights (`packed_weights`) and attend only
+to the cache slots written so far (a non-static `KVCache`).
 """
 import torch
 
-from nanogsm.model import KVCache
+from nanogsm.model import KVCache, packed_weights
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
@@ -97,7 +99,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     for i, p in enumerate(prompts):  # left padding: every row's last prompt token is at column P-1
         x[i, P - len(p):] = torch.tensor(p)
         pad_mask[i, P - len(p):] = True
-    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype)
+    # Fixed shapes (all slots read) where a step is recorded or compiled; else only the slots written.
+    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, static=device.type == "cuda" or model.compiled)
     step_fn = DecodeStep(model, cache, cuda_graph)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
@@ -108,37 +111,38 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     rows = list(range(B))  # original index of each row still in the batch
     finished = [False] * B  # per row still in the batch
     logits = model(x.to(device), pad_mask=pad_mask.to(device), cache=cache, last_only=True)[:, -1].float()  # (B, V)
-    for step in range(max_new_tokens):
-        tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
-        for j, r in enumerate(rows):  # forced calculator tokens replace the sample
-            if forced[r]:
-                tokens[j] = forced[r].pop(0)
-        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
-        # The step's one wait for the device: its tokens and stop flags (and log-probs) come to the host.
-        token_list, stop_list = torch.stack([tokens, torch.isin(tokens, stop_ids)]).tolist()
-        logprob_list = logprobs.tolist() if return_logprobs else None
-        for j, r in enumerate(rows):
-            if finished[j]:
-                continue
-            out_tokens[r].append(token_list[j])
-            if return_logprobs:
-                out_logprobs[r].append(logprob_list[j])
-            finished[j] = stop_list[j] == 1
-            if stop_strings or calculator:
-                texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
-                finished[j] |= any(s in texts[r] for s in stop_strings)
-                if calculator and not forced[r]:
-                    forced[r] = calculator_tokens(tails[r] + texts[r], tokenizer)
-        if step == max_new_tokens - 1 or all(finished):
-            break
-        if sum(finished) >= 0.25 * len(rows):  # drop finished rows so they stop costing compute
-            keep = [j for j, done in enumerate(finished) if not done]
-            rows, finished = [rows[j] for j in keep], [False] * len(keep)
-            keep = torch.tensor(keep, device=device)
-            tokens = tokens[keep]
-            cache.keep(keep)
-        # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
-        logits = step_fn(tokens, torch.tensor([not done for done in finished], device=device))
+    with packed_weights(model, B):  # on this CPU: oneDNN's blocked weights for the decode steps
+        for step in range(max_new_tokens):
+            tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
+            for j, r in enumerate(rows):  # forced calculator tokens replace the sample
+                if forced[r]:
+                    tokens[j] = forced[r].pop(0)
+            logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
+            # The step's one wait for the device: its tokens and stop flags (and log-probs) come to the host.
+            token_list, stop_list = torch.stack([tokens, torch.isin(tokens, stop_ids)]).tolist()
+            logprob_list = logprobs.tolist() if return_logprobs else None
+            for j, r in enumerate(rows):
+                if finished[j]:
+                    continue
+                out_tokens[r].append(token_list[j])
+                if return_logprobs:
+                    out_logprobs[r].append(logprob_list[j])
+                finished[j] = stop_list[j] == 1
+                if stop_strings or calculator:
+                    texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
+                    finished[j] |= any(s in texts[r] for s in stop_strings)
+                    if calculator and not forced[r]:
+                        forced[r] = calculator_tokens(tails[r] + texts[r], tokenizer)
+            if step == max_new_tokens - 1 or all(finished):
+                break
+            if sum(finished) >= 0.25 * len(rows):  # drop finished rows so they stop costing compute
+                keep = [j for j, done in enumerate(finished) if not done]
+                rows, finished = [rows[j] for j in keep], [False] * len(keep)
+                keep = torch.tensor(keep, device=device)
+                tokens = tokens[keep]
+                cache.keep(keep)
+            # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
+            logits = step_fn(tokens, torch.tensor([not done for done in finished], device=device))
     return (out_tokens, out_logprobs) if return_logprobs else out_tokens
 
 

@@ -7,6 +7,7 @@ and one code path reads them: there is no `if family == ...` in the forward pass
 References for every numerical detail: HF transformers `models/gemma{,2,3}/modeling_*.py` and
 google-deepmind/gemma_pytorch `gemma/model.py`.
 """
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,37 +144,42 @@ def on_onednn(*tensors):
 def mm_t(a, b):
     """a @ b.T: (m, k), (n, k) -> (m, n). Either may be a transposed view; oneDNN first copies a
     transposed `a` to row-major (the weight gradients' g.T: ~0.9 s of a CPU SFT step, most of it the
-    LM head's (C, 262k) g), still far cheaper than MKL's GEMM, which reads transposes in place.
-    With 2-16 rows in `a` (a batched decode step) oneDNN is faster on the swapped product
-    (b @ a.T).T: Gemma 3 270M's batch-16 decode step +5% here; with 1 row it is the same, with
-    more than 16 rows slower."""
+    LM head's (C, 262k) g), still far cheaper than MKL's GEMM, which reads transposes in place."""
     if on_onednn(a, b):
-        if 1 < a.shape[0] <= 16 < b.shape[0]:
-            y = torch.ops.mkldnn._linear_pointwise(b, a, None, "none", [], "")  # (n, m)
-            return y.T[None].contiguous()[0]  # a 2-D transpose is copied on one thread, a 3-D one on all
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # oneDNN's fp32 GEMM
     return a @ b.T
 
 
-def linear(x, weight, bias=None):
-    """F.linear, with CPU fp32 products (forward and both gradients) through `mm_t`."""
-    if on_onednn(x, weight):
+def linear(x, weight, bias=None, packed=None):
+    """F.linear, with CPU fp32 products (forward and both gradients) through `mm_t`. packed:
+    oneDNN's blocked copy of `weight` (see `packed_weights`), read when no gradient is needed."""
+    if not on_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return LinearFn.apply(x, weight, bias)
-    return F.linear(x, weight, bias)
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return onednn_linear(x, weight, bias)  # inference: no autograd node
+
+
+def onednn_linear(x, weight, bias):  # (..., k), (n, k), (n,) or None -> (..., n)
+    y = mm_t(x.reshape(-1, x.shape[-1]), weight)  # (m, n)
+    y = y if bias is None else y.add_(bias)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
+    packed = None  # oneDNN's blocked copy of the weight, while `packed_weights` is active
+
     def forward(self, x):
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed)
 
 
 class LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):  # (..., k), (n, k), (n,) or None
         ctx.save_for_backward(x, weight)
-        y = mm_t(x.reshape(-1, x.shape[-1]), weight)  # (m, n)
-        y = y if bias is None else y.add_(bias)
-        return y.view(*x.shape[:-1], weight.shape[0])  # (..., n)
+        return onednn_linear(x, weight, bias)  # (..., n)
 
     @staticmethod
     def backward(ctx, grad_y):  # (..., n)
@@ -184,6 +190,31 @@ class LinearFn(torch.autograd.Function):
         grad_w = mm_t(g.T, x.reshape(-1, x.shape[-1]).T) if need_w else None  # (n, m) @ (m, k)
         grad_b = g.sum(0) if need_b else None
         return grad_x, grad_w, grad_b
+
+
+@contextlib.contextmanager
+def packed_weights(model, rows):
+    """While active, inference products of `model` on this CPU (fp32, not compiled) read oneDNN's
+    blocked copies of its weights, reordered once on entry for products with `rows` rows, instead
+    of reordering each weight inside every product. A batch-16 decode step of Gemma 3 270M here:
+    ~25% faster (docs/BENCHMARKS.md), for a second copy of the weights held while it is active.
+    `generate` packs for its decode steps only: a packed weight is slower for a prefill's
+    thousands of rows, and it would go stale if the weights changed, which they do not inside
+    one `generate` call. Elsewhere (CUDA, bf16, compiled blocks, no oneDNN) it does nothing."""
+    head = model.embed_tokens.weight
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if model.compiled or not on_onednn(head):
+        yield
+        return
+    try:
+        for m in linears:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
+        model.packed_head = torch.ops.mkldnn._reorder_linear_weight(head, rows)
+        yield
+    finally:
+        for m in linears:
+            m.packed = None
+        model.packed_head = None
 
 
 class RMSNorm(nn.Module):
@@ -240,7 +271,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, slots, k, v)  # (B, nkv, S = max_len, hd): every slot, masked
+            k, v = cache.update(layer, slots, k, v)  # (B, nkv, S, hd): the slots attention reads, masked
         if self.softcap is None and T > 1:  # fused kernel (prefill, training); mask None = plain causal
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                enable_gqa=True)
@@ -302,25 +333,35 @@ class KVCache:
 
     `valid` marks which slots hold real tokens (left padding and slots not yet written are False),
     so positions and masks follow from it; `pos`, a 0-d tensor on the cache's device, is the next
-    free slot. Attention reads all max_len slots under the mask, so every decode step has the same
-    shapes and reads no value back to the host: on CUDA, `generate` records one step as a CUDA
-    graph and replays it. It lives here because `Gemma.forward` reads it; `generate.py` drives it.
+    free slot. A static cache has attention read all max_len slots under the mask, so every decode
+    step has the same shapes and reads no value back to the host: on CUDA, `generate` records one
+    step as a CUDA graph and replays it, and compiled blocks compile once. Otherwise (eager on the
+    CPU, where reading `pos` costs nothing) attention reads only the slots written so far: with
+    GSM8K prompts and answers, a third less attention work in a decode step (docs/BENCHMARKS.md).
+    It lives here because `Gemma.forward` reads it; `generate.py` drives it.
     """
 
-    def __init__(self, cfg: GemmaConfig, batch_size, max_len, device, dtype):
+    def __init__(self, cfg: GemmaConfig, batch_size, max_len, device, dtype, static=True):
         shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.pos = torch.zeros((), device=device, dtype=torch.long)
+        self.static = static
+
+    def read_len(self, T):
+        """How many slots attention reads when T new tokens are written: S in (B, nkv, S, hd)."""
+        return self.k.shape[3] if self.static else int(self.pos) + T
 
     @torch.compiler.disable  # compiled blocks (--compile) break here and run the writes as they are
     def update(self, layer, slots, k, v):
-        """Write k, v (B, nkv, T, hd) at `slots` (T,); return this layer's whole cache, (B, nkv, max_len, hd).
-        Under autocast k and v arrive in bf16 and are stored in the cache's dtype."""
+        """Write k, v (B, nkv, T, hd) at `slots` (T,); return this layer's keys and values up to
+        `read_len`, (B, nkv, S, hd). Under autocast k and v arrive in bf16 and are stored in the
+        cache's dtype."""
         self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
         self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
-        return self.k[layer], self.v[layer]
+        S = self.read_len(k.shape[2])
+        return self.k[layer, :, :, :S], self.v[layer, :, :, :S]
 
     def keep(self, rows):
         """Keep only these batch rows (a LongTensor of indices), e.g. when others finished."""
@@ -336,6 +377,7 @@ class Gemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.grad_checkpointing = False  # recompute each block's activations in backward
         self.compiled = False  # compile_blocks() was called (the training loss then compiles its head too)
+        self.packed_head = None  # oneDNN's blocked copy of the tied head, while `packed_weights` is active
 
     def forward(self, input_ids, pad_mask=None, cache=None, last_only=False, head=True):
         """input_ids (B, T) -> logits (B, T, vocab).
@@ -354,10 +396,10 @@ class Gemma(nn.Module):
         new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
         if cache is None:
             slots, key_valid = torch.arange(T, device=device), new_valid  # (T,), (B, S = T)
-        else:  # the new tokens take slots pos..pos+T-1; the keys are all max_len slots, masked
+        else:  # the new tokens take slots pos..pos+T-1; the keys are the slots attention reads, masked
             slots = cache.pos + torch.arange(T, device=device)  # (T,)
             cache.valid.index_copy_(1, slots, new_valid)
-            key_valid = cache.valid  # (B, S = max_len)
+            key_valid = cache.valid[:, :cache.read_len(T)]  # (B, S): all max_len slots if the cache is static
         positions = (key_valid.cumsum(-1) - 1).clamp(min=0).index_select(1, slots)  # (B, T)
         q_slot, k_slot = slots[:, None], torch.arange(key_valid.shape[1], device=device)[None, :]  # (T, 1), (1, S)
         causal = (k_slot <= q_slot) & key_valid[:, None, None, :]  # (B, 1, T, S)
@@ -390,7 +432,7 @@ class Gemma(nn.Module):
 
     def logits(self, h):
         """Tied LM head (and Gemma 2's final soft-cap): (..., d) -> (..., vocab)."""
-        logits = linear(h, self.embed_tokens.weight)  # (..., vocab)
+        logits = linear(h, self.embed_tokens.weight, packed=self.packed_head)  # (..., vocab)
         cap = self.config.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

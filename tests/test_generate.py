@@ -42,15 +42,18 @@ def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
     assert all(b._compiled_call_impl is not None for b in model.layers)
 
 
-def test_cached_decode_logits_equal_full_recompute(hf_checkpoint):
+@pytest.mark.parametrize("static", [True, False])
+def test_cached_decode_logits_equal_full_recompute(hf_checkpoint, static):
+    """A static cache's attention reads all its slots, the other only those written so far."""
     model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1])
     seq = torch.tensor([PROMPTS[0] + [3] * 20])  # longer than the window
-    cache = KVCache(model.config, 1, seq.shape[1], "cpu", torch.float32)
+    cache = KVCache(model.config, 1, seq.shape[1] + 5, "cpu", torch.float32, static=static)
     with torch.no_grad():
         model(seq[:, :7], cache=cache)
         steps = [model(seq[:, t:t + 1], cache=cache)[0, -1] for t in range(7, seq.shape[1])]
         full = model(seq)[0, 7:]
     torch.testing.assert_close(torch.stack(steps), full, atol=1e-4, rtol=0)
+    assert cache.read_len(1) == (seq.shape[1] + 5 if static else seq.shape[1] + 1)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, SEQ, make_hf_model
-from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, linear, mm_t
+from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, Linear, linear, mm_t, packed_weights
 
 
 def ids(vocab=256, batch=2, seq=SEQ, seed=1):
@@ -24,12 +24,14 @@ def test_logits_equal_hf(family, hf_checkpoint):
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("static", [True, False])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_cached_prefill_equals_plain_forward(family, hf_checkpoint):
-    """Feeding the sequence in three chunks through a KVCache gives the full-forward logits."""
+def test_cached_prefill_equals_plain_forward(family, hf_checkpoint, static):
+    """Feeding the sequence in three chunks through a KVCache gives the full-forward logits, whether
+    attention reads all the cache's slots (static) or only those written so far."""
     model = Gemma.from_pretrained(hf_checkpoint(family)[1])
     x = ids()
-    cache = KVCache(model.config, 2, SEQ, "cpu", torch.float32)
+    cache = KVCache(model.config, 2, SEQ + 4, "cpu", torch.float32, static=static)
     with torch.no_grad():
         chunks = [model(x[:, a:b], cache=cache) for a, b in [(0, 10), (10, 11), (11, SEQ)]]
         torch.testing.assert_close(torch.cat(chunks, 1), model(x), atol=1e-4, rtol=0)
@@ -193,10 +195,38 @@ def test_onednn_linear_equals_float64_products(bias):
     # mm_t (the LM-head losses' products) on transposed views of both operands
     a, c = torch.randn(40, 7, generator=g), torch.randn(40, 9, generator=g)
     torch.testing.assert_close(mm_t(a.T, c.T).double(), a.T.double() @ c.double(), atol=1e-5, rtol=1e-5)
-    for rows in (1, 2, 16, 17):  # 2-16 rows (a batched decode step): oneDNN gets the operands swapped
-        a1, c1 = torch.randn(rows, 40, generator=g), torch.randn(300, 40, generator=g)
-        out = mm_t(a1, c1)
-        assert out.shape == (rows, 300) and out.is_contiguous()
-        torch.testing.assert_close(out.double(), a1.double() @ c1.double().T, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # inference: the same products without the autograd Function
+        y_nograd = linear(x, w, b)
+    assert y_nograd.grad_fn is None
+    torch.testing.assert_close(y_nograd, y.detach(), atol=0, rtol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps PyTorch's own (bf16) path
         assert linear(x, w, b).dtype == torch.bfloat16 and mm_t(a.T, c.T).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this PyTorch build has no oneDNN")
+def test_packed_weights_give_the_same_products_and_are_dropped_on_exit(hf_checkpoint):
+    """Inside `packed_weights` inference reads oneDNN's blocked copies of the weights; the logits
+    stay those of the plain weights, a forward that needs gradients takes the plain weights, and
+    the copies are dropped on exit, an exception included. A packed linear with a bias too."""
+    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1])
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    x = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+        with packed_weights(model, 3):
+            assert all(m.packed is not None and m.packed.is_mkldnn for m in linears) and model.packed_head.is_mkldnn
+            out = model(x)
+            with torch.enable_grad():
+                assert model(x).requires_grad
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert all(m.packed is None for m in linears) and model.packed_head is None
+    with pytest.raises(RuntimeError, match="inside"):
+        with packed_weights(model, 3):
+            raise RuntimeError("inside")
+    assert all(m.packed is None for m in linears) and model.packed_head is None
+
+    lin, h = Linear(40, 24), torch.randn(3, 7, 40)
+    with torch.no_grad():
+        ref = lin(h)
+        lin.packed = torch.ops.mkldnn._reorder_linear_weight(lin.weight, 3)
+        torch.testing.assert_close(lin(h), ref, atol=1e-5, rtol=1e-5)
