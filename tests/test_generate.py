@@ -86,6 +86,19 @@ def test_seeded_sampling_is_reproducible(hf_checkpoint):
     assert a != generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=4)
 
 
+def test_sampling_follows_the_softmax_down_to_its_tail():
+    """Draw frequencies against the probabilities: 20,000 draws of 4 tokens, and a 65,536-token
+    row whose first token holds 99.9% and whose other tokens share 0.1% (1.5e-8 each)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    draws = sample(probs.log().expand(20_000, 4), 1.0, generator=g)
+    torch.testing.assert_close(torch.bincount(draws, minlength=4) / 20_000, probs, atol=0.015, rtol=0)
+    tail = torch.full((64, 65_536), 0.001 / 65_535)
+    tail[:, 0] = 0.999
+    hits = sum((sample(tail.log(), 1.0, generator=g) > 0).sum().item() for _ in range(200))
+    assert 3 <= hits <= 30  # 12,800 draws, 12.8 expected
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)

@@ -131,7 +131,7 @@ def check_head_score(cap, bf16, device):
 
 # ---- learning a synthetic task end to end with the same pieces train_ppo.py uses -------------------
 
-def run_rl(hf_checkpoint, algo, steps=30, k=4, rollouts=32):
+def run_rl(hf_checkpoint, algo, steps=40, k=4, rollouts=32):
     """A tiny random model is rewarded for the fraction of its 4 response tokens below 32 (chance:
     1/8). Rollouts come from the KV-cache engine, old log-probs from the trainer's forward."""
     from nanogsm.generate import generate
