@@ -202,10 +202,10 @@ def packed_weights(model, rows):
     thousands of rows, and it would go stale if the weights changed, which they do not inside
     one `generate` call. Elsewhere (CUDA, bf16, compiled blocks, no oneDNN) it does nothing."""
     head = model.embed_tokens.weight
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
     if model.compiled or not on_onednn(head):
         yield
         return
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
     try:
         for m in linears:
             m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
