@@ -3,13 +3,14 @@
 Prompts of different lengths are left-padded; `Gemma.forward` derives each row's positions and
 masks from the cache's `valid` slots, so a padded row computes exactly what it would alone.
 Finished rows are dropped from the batch (and from the cache) once enough of them are done.
-On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`). On the CPU the
-decode steps read oneDNN's blocked copies of the fp32 weights (`packed_weights`) and attend only
-to the cache slots written so far (a non-static `KVCache`).
+On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`). The decode steps
+read each layer's q/k/v and gate/up weights concatenated, and on the CPU oneDNN's blocked copies
+of the fp32 weights (`decode_weights`); on the CPU they attend only to the cache slots written so
+far (a non-static `KVCache`).
 """
 import torch
 
-from nanogsm.model import KVCache, packed_weights
+from nanogsm.model import KVCache, decode_weights
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
@@ -52,7 +53,7 @@ class DecodeStep:
 
     def __init__(self, model, cache, cuda_graph=True):
         self.model, self.cache, self.graph = model, cache, None
-        self.cuda_graph = cuda_graph and cache.k.is_cuda
+        self.cuda_graph = cuda_graph and cache.valid.is_cuda
 
     def forward(self, tokens, alive):
         return self.model(tokens[:, None], pad_mask=alive[:, None], cache=self.cache)[:, -1].float()
@@ -117,7 +118,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     rows = list(range(B))  # original index of each row still in the batch
     finished = [False] * B  # per row still in the batch
     logits = model(x.to(device), pad_mask=pad_mask.to(device), cache=cache, last_only=True)[:, -1].float()  # (B, V)
-    with packed_weights(model, B):  # on this CPU: oneDNN's blocked weights for the decode steps
+    with decode_weights(model, B):  # fused projections; on this CPU, oneDNN's blocked weights
         for step in range(max_new_tokens):
             tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
             for j, r in enumerate(rows):  # forced calculator tokens replace the sample

@@ -152,7 +152,7 @@ def mm_t(a, b):
 
 def linear(x, weight, bias=None, packed=None):
     """F.linear, with CPU fp32 products (forward and both gradients) through `mm_t`. packed:
-    oneDNN's blocked copy of `weight` (see `packed_weights`), read when no gradient is needed."""
+    oneDNN's blocked copy of `weight` (see `decode_weights`), read when no gradient is needed."""
     if not on_onednn(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -169,7 +169,11 @@ def onednn_linear(x, weight, bias):  # (..., k), (n, k), (n,) or None -> (..., n
 
 
 class Linear(nn.Linear):
-    packed = None  # oneDNN's blocked copy of the weight, while `packed_weights` is active
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The copies `decode_weights` sets are instance attributes from the start: torch.compile
+        # guards on whether the instance has one, and would compile the blocks again otherwise.
+        self.packed = None  # oneDNN's blocked copy of the weight, while `decode_weights` is active
 
     def forward(self, x):
         return linear(x, self.weight, self.bias, self.packed)
@@ -192,27 +196,52 @@ class LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+def project(x, linears, fused):
+    """[m(x) for m in linears], from one product when `fused` holds their weights concatenated,
+    (weight, bias, packed), as `decode_weights` sets them for decode steps. (The fused copy passes
+    no gradient to the weights: with gradients on, the separate products.)"""
+    if fused is None or torch.is_grad_enabled():
+        return [m(x) for m in linears]
+    return linear(x, *fused).split([m.weight.shape[0] for m in linears], -1)
+
+
 @contextlib.contextmanager
-def packed_weights(model, rows):
-    """While active, inference products of `model` on this CPU (fp32, not compiled) read oneDNN's
-    blocked copies of its weights, reordered once on entry for products with `rows` rows, instead
-    of reordering each weight inside every product. A batch-16 decode step of Gemma 3 270M here:
-    ~25% faster (docs/BENCHMARKS.md), for a second copy of the weights held while it is active.
-    `generate` packs for its decode steps only: a packed weight is slower for a prefill's
-    thousands of rows, and it would go stale if the weights changed, which they do not inside
-    one `generate` call. Elsewhere (CUDA, bf16, compiled blocks, no oneDNN) it does nothing."""
-    head = model.embed_tokens.weight
-    if model.compiled or not on_onednn(head):
-        yield
-        return
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+def decode_weights(model, rows):
+    """Weights laid out for decode steps while active. `generate` holds it for its decode steps,
+    after the prefill, and the copies are dropped on exit: they cannot go stale when the weights
+    change between calls (PPO trains them).
+    - Fused: each layer's q, k and v weights as one tensor, gate and up as one, so a step makes
+      4 products a layer instead of 7. At batch 1 on a GPU the small q/k/v products are launch-
+      and latency-bound (~5 µs each for 1-8 MiB of gemma-2b weights, docs/BENCHMARKS.md).
+      Projections with LoRA adapters keep their own products.
+    - Packed, on this CPU (fp32, not compiled): every weight reordered once into oneDNN's blocked
+      layout for products of `rows` rows, instead of inside every product; a batch-16 step of
+      Gemma 3 270M here is ~25% faster. (Slower for a prefill's thousands of rows.)
+    Under autocast the fused copies are made in its dtype, the values autocast would cast the
+    weights to: they are not cast again in every step (autocast caches only its casts of
+    parameters). The cost: a second copy of the fused weights (on this CPU, of all of them)."""
+    device = model.embed_tokens.weight.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    pack = not model.compiled and on_onednn(model.embed_tokens.weight)
+    layout = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else None  # noqa: E731
+    groups = [(b.self_attn, "qkv", [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in model.layers]
+    groups += [(b.mlp, "gate_up", [b.mlp.gate_proj, b.mlp.up_proj]) for b in model.layers]
+    groups = [g for g in groups if all(type(m) is Linear for m in g[2])]  # not under LoRA adapters
+    grouped = {id(m) for _, _, linears in groups for m in linears}
+    singles = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in grouped]
     try:
-        for m in linears:
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight, rows)
-        model.packed_head = torch.ops.mkldnn._reorder_linear_weight(head, rows)
+        for owner, name, linears in groups:
+            w = torch.cat([m.weight for m in linears]).to(dtype)  # (sum of outs, in); dtype None: as is
+            b = None if linears[0].bias is None else torch.cat([m.bias for m in linears]).to(dtype)
+            setattr(owner, name, (w, b, layout(w)))
+        for m in singles:
+            m.packed = layout(m.weight)
+        model.packed_head = layout(model.embed_tokens.weight)
         yield
     finally:
-        for m in linears:
+        for owner, name, _ in groups:
+            setattr(owner, name, None)
+        for m in singles:
             m.packed = None
         model.packed_head = None
 
@@ -253,6 +282,7 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
+        self.qkv = None  # q, k, v weights as one (weight, bias, packed), while `decode_weights` is active
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.softcap = cfg.attn_softcap
@@ -264,14 +294,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+        """kv: this layer's cache (keys, values), each (B, nkv, max_len, hd); the new keys and values
+        are written at `slots` (T,), and attention reads the first S slots, S = mask.shape[-1]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.qkv)
+        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer, slots, k, v)  # (B, nkv, S, hd): the slots attention reads, masked
+        if kv is not None:  # under autocast k and v arrive in bf16 and are stored in the cache's dtype
+            kv[0].index_copy_(2, slots, k.to(kv[0].dtype))
+            kv[1].index_copy_(2, slots, v.to(kv[1].dtype))
+            S = mask.shape[-1]
+            k, v = kv[0][:, :, :S], kv[1][:, :, :S]  # (B, nkv, S, hd): the slots attention reads, masked
         if self.softcap is None and T > 1:  # fused kernel (prefill, training); mask None = plain causal
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
                                                enable_gqa=True)
@@ -302,12 +338,14 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
+        self.gate_up = None  # gate and up weights as one (weight, bias, packed), while `decode_weights` is active
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        gate, up = project(x, (self.gate_proj, self.up_proj), self.gate_up)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class Block(nn.Module):
@@ -322,14 +360,16 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), post_norm()
         self.self_attn, self.mlp = Attention(cfg), MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, slots=None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, slots)
+    def forward(self, x, cos, sin, mask, kv=None, slots=None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, slots)
         x = x + self.post_attention_layernorm(h)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, (L, B, n_kv, max_len, hd), filled left to right.
+    """Preallocated keys and values, filled left to right: per layer k[i] and v[i], each
+    (B, n_kv, max_len, hd). One tensor per layer, not one for all: a compiled block writes its
+    slot in place, where torch.compile would copy a slice of a larger tensor whole and back.
 
     `valid` marks which slots hold real tokens (left padding and slots not yet written are False),
     so positions and masks follow from it; `pos`, a 0-d tensor on the cache's device, is the next
@@ -342,30 +382,20 @@ class KVCache:
     """
 
     def __init__(self, cfg: GemmaConfig, batch_size, max_len, device, dtype, static=True):
-        shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.valid = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.pos = torch.zeros((), device=device, dtype=torch.long)
         self.static = static
 
     def read_len(self, T):
         """How many slots attention reads when T new tokens are written: S in (B, nkv, S, hd)."""
-        return self.k.shape[3] if self.static else int(self.pos) + T
-
-    @torch.compiler.disable  # compiled blocks (--compile) break here and run the writes as they are
-    def update(self, layer, slots, k, v):
-        """Write k, v (B, nkv, T, hd) at `slots` (T,); return this layer's keys and values up to
-        `read_len`, (B, nkv, S, hd). Under autocast k and v arrive in bf16 and are stored in the
-        cache's dtype."""
-        self.k[layer].index_copy_(2, slots, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, slots, v.to(self.v.dtype))
-        S = self.read_len(k.shape[2])
-        return self.k[layer, :, :, :S], self.v[layer, :, :, :S]
+        return self.valid.shape[1] if self.static else int(self.pos) + T
 
     def keep(self, rows):
         """Keep only these batch rows (a LongTensor of indices), e.g. when others finished."""
-        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+        self.k, self.v, self.valid = [k[rows] for k in self.k], [v[rows] for v in self.v], self.valid[rows]
 
 
 class Gemma(nn.Module):
@@ -377,7 +407,7 @@ class Gemma(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.grad_checkpointing = False  # recompute each block's activations in backward
         self.compiled = False  # compile_blocks() was called (the training loss then compiles its head too)
-        self.packed_head = None  # oneDNN's blocked copy of the tied head, while `packed_weights` is active
+        self.packed_head = None  # oneDNN's blocked copy of the tied head, while `decode_weights` is active
 
     def forward(self, input_ids, pad_mask=None, cache=None, last_only=False, head=True):
         """input_ids (B, T) -> logits (B, T, vocab).
@@ -391,8 +421,28 @@ class Gemma(nn.Module):
         (training computes the loss from them in chunks, never holding all logits).
         Positions count the real tokens before each one, so left-padded rows start at 0.
         """
-        B, T = input_ids.shape
-        cfg, device = self.config, input_ids.device
+        cfg, (B, T) = self.config, input_ids.shape
+        slots, masks, rope = self.attention_inputs(B, T, input_ids.device, pad_mask, cache)
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        # sqrt(d) is rounded to the activation dtype before multiplying, as in the reference.
+        x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        for i, (block, kind) in enumerate(zip(self.layers, cfg.layer_types)):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            if self.grad_checkpointing and torch.is_grad_enabled():  # non-reentrant: works with frozen params (LoRA)
+                x = torch.utils.checkpoint.checkpoint(block, x, *rope[kind], masks[kind], kv, slots,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, *rope[kind], masks[kind], kv, slots)
+        if cache is not None:
+            cache.pos += T  # in place, on the device: a recorded CUDA graph replays it too
+        x = self.norm(x[:, -1:] if last_only else x)
+        return self.logits(x) if head else x
+
+    def attention_inputs(self, B, T, device, pad_mask, cache):
+        """What every layer of a forward over T new tokens reads: their cache slots (T,), and per
+        layer type the attention mask (B, 1, T, S), or None for plain causal attention, and the
+        rope tables (cos, sin). ~40 small kernels in a decode step; compiled blocks compile it too."""
+        cfg = self.config
         new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
         if cache is None:
             slots, key_valid = torch.arange(T, device=device), new_valid  # (T,), (B, S = T)
@@ -413,22 +463,9 @@ class Gemma(nn.Module):
             # mask tensor SDPA can take its flash kernel on CUDA, which shares K/V across query heads
             # (GQA) without repeating them; a mask tensor rules flash out (2x the attention time).
             masks["full_attention"] = None
-        rope = {t: rope_cos_sin(positions, cfg.head_dim, theta, cfg.rope_scale if t == "full_attention" else 1.0)
-                for t, theta in cfg.rope_theta.items()}
-
-        x = self.embed_tokens(input_ids)  # (B, T, d)
-        # sqrt(d) is rounded to the activation dtype before multiplying, as in the reference.
-        x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
-        for i, (block, kind) in enumerate(zip(self.layers, cfg.layer_types)):
-            if self.grad_checkpointing and torch.is_grad_enabled():  # non-reentrant: works with frozen params (LoRA)
-                x = torch.utils.checkpoint.checkpoint(block, x, *rope[kind], masks[kind], cache, i, slots,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, *rope[kind], masks[kind], cache, i, slots)
-        if cache is not None:
-            cache.pos += T  # in place, on the device: a recorded CUDA graph replays it too
-        x = self.norm(x[:, -1:] if last_only else x)
-        return self.logits(x) if head else x
+        params = {t: (theta, cfg.rope_scale if t == "full_attention" else 1.0) for t, theta in cfg.rope_theta.items()}
+        tables = {p: rope_cos_sin(positions, cfg.head_dim, *p) for p in set(params.values())}  # once if the types share it
+        return slots, masks, {t: tables[p] for t, p in params.items()}
 
     def logits(self, h):
         """Tied LM head (and Gemma 2's final soft-cap): (..., d) -> (..., vocab)."""
@@ -466,10 +503,19 @@ class Gemma(nn.Module):
 
     def compile_blocks(self):
         """torch.compile every transformer block, in place (`--compile`): parameter names, and so
-        checkpoints, are unchanged. The cache write stays uncompiled (a graph break, see KVCache);
-        on CUDA a recorded decode step holds the compiled kernels."""
+        checkpoints, are unchanged. The cache write is compiled with the rest of the block (see
+        KVCache); on CUDA a recorded decode step holds the compiled kernels. The final norm and
+        `attention_inputs` are compiled too: in a batch-1 GPU decode step each small kernel costs
+        ~1 µs even when replayed from a CUDA graph."""
         for block in self.layers:
             block.compile()
+        self.norm.compile()
+        self.attention_inputs = torch.compile(self.attention_inputs)
+        # A block runs in ~10 setups in train_ppo.py (prefill, decode steps with fused weights,
+        # scoring, training with checkpointing, the frozen reference...), past dynamo's default of 8
+        # compiled variants a function; past it, it runs eager, and a checkpointed block's
+        # recompute can then take another path than its forward (a CheckpointError).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self.compiled = True
 
 

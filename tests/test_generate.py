@@ -1,6 +1,7 @@
 """The KV-cache engine against HF transformers' greedy generate and against full recomputes."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from conftest import FAMILIES, WINDOW
 from nanogsm.generate import generate, sample
@@ -33,12 +34,18 @@ def test_mixed_lengths_batch_equals_each_alone(family, hf_checkpoint):
 
 
 def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
-    """--compile's blocks (CPU inductor here; a graph break at the cache write) in prefill and decode."""
+    """--compile's blocks (CPU inductor here) in prefill and decode, the cache write and the fused
+    decode projections inside them: no graph break, and a second call compiles nothing new."""
     torch.compiler.reset()  # recompile budgets are per process: other tests compile these blocks too
-    model = Gemma.from_pretrained(hf_checkpoint("gemma2")[1])
-    eager = generate(model, PROMPTS, 2 * WINDOW)
+    counters.clear()
+    folder = hf_checkpoint("gemma2")[1]
+    eager = generate(Gemma.from_pretrained(folder), PROMPTS, 2 * WINDOW)
+    model = Gemma.from_pretrained(folder)  # compiled before its first call
     model.compile_blocks()
     assert generate(model, PROMPTS, 2 * WINDOW) == eager
+    graphs = counters["stats"]["unique_graphs"]
+    assert generate(model, PROMPTS, 2 * WINDOW) == eager
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
     assert all(b._compiled_call_impl is not None for b in model.layers)
 
 

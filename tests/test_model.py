@@ -6,7 +6,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import FAMILIES, SEQ, make_hf_model
-from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, Linear, linear, mm_t, packed_weights
+from conftest import tiny_hf_config
+from nanogsm.lora import apply_lora
+from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, Linear, decode_weights, linear, mm_t
 
 
 def ids(vocab=256, batch=2, seq=SEQ, seed=1):
@@ -203,28 +205,81 @@ def test_onednn_linear_equals_float64_products(bias):
         assert linear(x, w, b).dtype == torch.bfloat16 and mm_t(a.T, c.T).dtype == torch.bfloat16
 
 
-@pytest.mark.skipif(not ONEDNN, reason="this PyTorch build has no oneDNN")
-def test_packed_weights_give_the_same_products_and_are_dropped_on_exit(hf_checkpoint):
-    """Inside `packed_weights` inference reads oneDNN's blocked copies of the weights; the logits
-    stay those of the plain weights, a forward that needs gradients takes the plain weights, and
-    the copies are dropped on exit, an exception included. A packed linear with a bias too."""
-    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1])
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
+def fused_and_packed(model):
+    """What `decode_weights` set: the fused (weight, bias, packed) of each layer, the packed singles and head."""
+    fused = [g for b in model.layers for g in (b.self_attn.qkv, b.mlp.gate_up) if g is not None]
+    singles = [m.packed for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
+    return fused, singles, model.packed_head
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_weights_give_the_same_logits_and_are_dropped_on_exit(hf_checkpoint, dtype):
+    """Inside `decode_weights` each layer's q/k/v and gate/up products are one product each, and
+    on this CPU (fp32) every weight is read from oneDNN's blocked copy; the logits stay those of
+    the plain model, a forward that needs gradients passes them to every weight, and the copies are
+    dropped on exit, an exception included. Projections under LoRA adapters are left separate."""
+    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1]).to(dtype)
+    cfg = model.config
     x = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)
-        with packed_weights(model, 3):
-            assert all(m.packed is not None and m.packed.is_mkldnn for m in linears) and model.packed_head.is_mkldnn
+        with decode_weights(model, 3):
+            fused, singles, head = fused_and_packed(model)
+            assert [g[0].shape[0] for g in fused[:2]] == [(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
+                                                          2 * cfg.intermediate_size]
+            assert len(fused) == 2 * cfg.num_layers
+            packs = ONEDNN and dtype == torch.float32  # oneDNN's fp32 products only
+            assert len(singles) == (2 * cfg.num_layers if packs else 0) and (head is not None) == packs
+            assert all((g[2] is not None) == packs for g in fused)
             out = model(x)
             with torch.enable_grad():
-                assert model(x).requires_grad
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    assert all(m.packed is None for m in linears) and model.packed_head is None
+                model(x).float().square().mean().backward()
+    torch.testing.assert_close(out, ref, **({} if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)))
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert fused_and_packed(model) == ([], [], None)
     with pytest.raises(RuntimeError, match="inside"):
-        with packed_weights(model, 3):
+        with decode_weights(model, 3):
             raise RuntimeError("inside")
-    assert all(m.packed is None for m in linears) and model.packed_head is None
+    assert fused_and_packed(model) == ([], [], None)
 
+    apply_lora(model, r=2, alpha=4, targets=("q_proj", "up_proj"))  # B = 0: the logits are the base model's
+    with torch.no_grad(), decode_weights(model, 3):
+        assert all(b.self_attn.qkv is None and b.mlp.gate_up is None for b in model.layers)
+        torch.testing.assert_close(model(x), ref, **({} if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)))
+
+
+def test_decode_weights_under_autocast_are_made_in_its_dtype(hf_checkpoint):
+    """fp32 weights under bf16 autocast (PPO's rollouts): the fused copies are the bf16 values
+    autocast would cast the weights to, so the logits are the plain model's under autocast."""
+    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1])
+    x = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x)
+        with decode_weights(model, 3):
+            assert all(b.self_attn.qkv[0].dtype == b.mlp.gate_up[0].dtype == torch.bfloat16 for b in model.layers)
+            out = model(x)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_decode_weights_fuse_biases():
+    """q/k/v with biases (attention_bias): the fused product adds the concatenated biases."""
+    cfg = GemmaConfig.from_hf(dict(tiny_hf_config("gemma").to_dict(), attention_bias=True))
+    torch.manual_seed(0)
+    model = Gemma(cfg).eval()
+    x = torch.randint(0, 256, (2, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for block in model.layers:
+            for m in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+                m.bias.normal_()
+        ref = model(x)
+        with decode_weights(model, 2):
+            assert all(b.self_attn.qkv[1].shape == (b.self_attn.qkv[0].shape[0],) for b in model.layers)
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="this PyTorch build has no oneDNN")
+def test_packed_linear_with_bias():
+    """A Linear reading oneDNN's blocked copy of its weight adds its bias."""
     lin, h = Linear(40, 24), torch.randn(3, 7, 40)
     with torch.no_grad():
         ref = lin(h)
