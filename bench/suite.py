@@ -24,7 +24,10 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
   decode   greedy continuation by --new-tokens tokens (no early stop) after that prefill:
            decode tokens/s = batch x new tokens / (generate time - prefill time). At batch 1 also
            the fraction of the memory-bandwidth bound: per step the weights and the mean KV cache
-           are read once; bound = those bytes / measured copy bandwidth (2 x bytes / copy time).
+           are read once; bound = those bytes / measured copy bandwidth (2 x bytes / copy time);
+           against the decode time above, and "per step" against the slope between generate calls
+           of --new-tokens / 4 and --new-tokens tokens (without a call's one-off costs: its
+           prefill, recording the CUDA graph, setting up).
            On CUDA nanogsm replays recorded decode steps (CUDA graphs); its eager steps are timed
            in the same process for comparison. --decode-pad K left-pads the first row by K tokens
            (the prefill is still timed unpadded): real batches are padded, and on CPU HF's bf16
@@ -168,7 +171,7 @@ def measure(job):
                 model.compile_blocks()
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, last_only=True), device, job["steps"])
-            run = lambda: generate(model, rows, N)  # noqa: E731
+            run = lambda n=N: generate(model, rows, n)  # noqa: E731
         else:
             import transformers
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -180,9 +183,9 @@ def measure(job):
                     model.forward = torch.compile(model.forward)
                 kwargs = {"cache_implementation": "static"}
             x_gen = (prompts * mask).to(device)  # padding id 0
-            run = lambda: model.generate(input_ids=x_gen, attention_mask=mask.to(device), max_new_tokens=N,  # noqa: E731
-                                         min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                         **kwargs)
+            run = lambda n=N: model.generate(input_ids=x_gen, attention_mask=mask.to(device), max_new_tokens=n,  # noqa: E731
+                                             min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                             **kwargs)
         if work == "prefill":
             return {"tok_s": B * P / t_prefill, "peak_gb": peak_memory_gb(device)}
         t_gen = best_time(run, device, 1)  # one warm-up run, one timed
@@ -193,7 +196,12 @@ def measure(job):
             result["eager_tok_s"] = B * N / (t_eager - t_prefill)
         if B == 1:
             n_params = sum(p.numel() for p in model.parameters())
-            result["bandwidth_frac"] = bandwidth_bound(n_params, folder, dtype, P, N, device) / ((t_gen - t_prefill) / N)
+            bound = bandwidth_bound(n_params, folder, dtype, P, N, device)
+            result["bandwidth_frac"] = bound / ((t_gen - t_prefill) / N)
+            # per decode step: the slope between calls of N / 4 and N new tokens, without what a call
+            # costs once (its prefill, recording a CUDA graph, setting up the cache)
+            t_short = best_time(lambda: run(N // 4), device, 1)
+            result["bandwidth_frac_step"] = bound / (max(t_gen - t_short, 1e-9) / (N - N // 4))
         return result
 
 
@@ -436,7 +444,8 @@ def print_row(row):
     if "mfu" in row:
         cells.append(f"MFU {100 * row['mfu']:.1f}%")
     elif "bandwidth_frac" in ours and row["workload"] == "decode":
-        cells.append(f"{100 * ours['bandwidth_frac']:.0f}% of bound (HF {100 * hf['bandwidth_frac']:.0f}%)")
+        cells.append(f"{100 * ours['bandwidth_frac']:.0f}% of bound, {100 * ours['bandwidth_frac_step']:.0f}% per step "
+                     f"(HF {100 * hf['bandwidth_frac']:.0f}%, {100 * hf['bandwidth_frac_step']:.0f}%)")
     elif "same_outputs" in row:
         cells.append(f"EM {100 * ours['em']:.1f}% (HF {100 * hf['em']:.1f}%), {100 * row['same_outputs']:.0f}% same outputs")
     elif "generate_share" in ours:

@@ -31,6 +31,7 @@ def test_suite_runs_every_workload_on_a_tiny_model(tiny_with_tokenizer, tmp_path
             assert row["hf"]["tok_s"] > 0 and row["nanogsm"]["tok_s"] > 0  # both sides measured
     assert 0 < rows["train", "full", "2x16"]["mfu"] < 1
     assert 0 < rows["decode", "greedy", "1"]["nanogsm"]["bandwidth_frac"]
+    assert all("bandwidth_frac_step" in rows["decode", "greedy", "1"][side] for side in ("nanogsm", "hf"))
     assert "bandwidth_frac" not in rows["decode", "greedy", "2"]["nanogsm"]
     assert 0 < rows["ppo", "2 rollouts x 64 tokens, 2 epochs", "2"]["nanogsm"]["generate_share"] < 1
     assert "| train | full | 2x16 |" in result.stdout  # the printed table
