@@ -38,7 +38,9 @@ parser.add_argument("--answer-loss", action="store_true",
                     help="instead of generating: the teacher-forced loss of the gold answers (nats/token), "
                          "finer than EM for comparing checkpoints")
 parser.add_argument("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
-parser.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
+parser.add_argument("--batch-size", type=int, default=16,
+                    help="prompts decoded at once, a finished one making room for the next (continuous "
+                         "batching); also the --answer-loss batch")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per answer")
 parser.add_argument("--chat", default="auto", choices=["auto", "on", "off"],
                     help="wrap prompts in the chat template (auto: on when the model name contains '-it')")

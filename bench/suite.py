@@ -33,9 +33,10 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
            (the prefill is still timed unpadded): real batches are padded, and on CPU HF's bf16
            decode takes a much slower attention path when no row is.
   eval     (only when asked) evaluate.py's generation: the --eval-n seeded GSM8K test prompts
-           (--eval-prompt strategy), longest first in batches of 16, greedy, up to --eval-new-tokens
-           each, stopping as evaluate.py stops (EOS / end of turn or '\nQuestion:'); HF `generate`
-           gets the same stop rules. Tokens/s = generated tokens / time of the whole run (prefill
+           (--eval-prompt strategy), greedy, up to --eval-new-tokens each, stopping as evaluate.py
+           stops (EOS / end of turn or '\nQuestion:'). nanogsm: one `generate` call decoding 16 rows
+           at a time, a finished row taking the next prompt (continuous batching); HF: `generate`
+           on batches of 16 (longest first), with the same stop rules. Tokens/s = generated tokens / time of the whole run (prefill
            included), with each side's exact-match score and the share of identical outputs.
   ppo      one `train_ppo.py` step at reduced scale (--ppo-rollouts, 64 new tokens, minibatch 2 x
            accumulation rollouts/2, 2 epochs): seconds and the share spent generating (nanogsm only).
@@ -237,24 +238,23 @@ def gsm8k_sft_batch(folder, batch):
 
 def gsm8k_generation(job, folder, side, device, dtype):
     """evaluate.py's generation workload on one side; returns speed, exact match and the outputs."""
-    from nanogsm.gsm8k import (STOP_STRINGS, build_prompt, finish, is_correct, length_batches, load_gsm8k,
-                                seeded_subset)
+    from nanogsm.gsm8k import STOP_STRINGS, build_prompt, finish, is_correct, load_gsm8k, seeded_subset
     from nanogsm.model import Gemma
     from nanogsm.tokenizer import Tokenizer
     from nanogsm.train import peak_memory_gb
     tok = Tokenizer.from_pretrained(folder)
     records = seeded_subset(load_gsm8k("main", "test"), job["n"])
     prompts = [tok.encode(build_prompt(r["question"], job["prompt"])) for r in records]
-    batches = length_batches(prompts, job["batch"])  # as evaluate.py batches them
-    if side == "nanogsm":
+    if side == "nanogsm":  # as evaluate.py runs it: one call, job["batch"] rows at a time, refilled as they finish
         from nanogsm.generate import generate
         model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
         if job["compile"]:
             model.compile_blocks()
 
         def run(rows, n_new):
-            return generate(model, rows, n_new, stop_ids=tok.stop_ids, stop_strings=STOP_STRINGS, tokenizer=tok)
-    else:
+            return generate(model, rows, n_new, stop_ids=tok.stop_ids, stop_strings=STOP_STRINGS, tokenizer=tok,
+                            batch_size=job["batch"])
+    else:  # HF generate runs batches of job["batch"] prompts (longest first), each until its last row stops
         import transformers
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
@@ -266,8 +266,11 @@ def gsm8k_generation(job, folder, side, device, dtype):
                                do_sample=False, stop_strings=list(STOP_STRINGS), tokenizer=hf_tok,
                                eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
             return [[t for t in row if t != tok.pad_id] for row in y[:, P:].tolist()]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    size = len(order) if side == "nanogsm" else job["batch"]  # prompts per call
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
     with torch.inference_mode():
-        run([prompts[i] for i in batches[0]], 8)  # warm-up (and compile)
+        run([prompts[i] for i in order[:job["batch"]]], 8)  # warm-up (and compile)
         sync(device)
         start = time.perf_counter()
         outputs = {i: out for b in batches for i, out in zip(b, run([prompts[i] for i in b], job["new_tokens"]))}

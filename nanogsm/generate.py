@@ -1,8 +1,11 @@
-"""Batched sampling with a preallocated KV cache: one prefill, then one-token decode steps.
+"""Batched sampling with a preallocated KV cache: prefills, then one-token decode steps.
 
-Prompts of different lengths are left-padded; `Gemma.forward` derives each row's positions and
-masks from the cache's `valid` slots, so a padded row computes exactly what it would alone.
-Finished rows are dropped from the batch (and from the cache) once enough of them are done.
+A batch row takes a prompt by prefilling all but its last token into the cache slots just before
+the write slot (left-padded: `Gemma.forward` derives each row's positions and masks from the
+cache's `valid` slots, so a row computes exactly what it would alone); the next decode step feeds
+the last token. With more prompts than rows, a finished row takes the next waiting prompt
+(continuous batching); when none waits, finished rows are dropped from the batch (and the cache)
+once enough of them are done. A full cache shifts its slots left past the oldest row's prompt.
 On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`). The decode steps
 read each layer's q/k/v and gate/up weights concatenated, and on the CPU oneDNN's blocked copies
 of the fp32 weights (`decode_weights`); on the CPU they attend only to the cache slots written so
@@ -85,44 +88,77 @@ class DecodeStep:
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(), seed=None,
-             return_logprobs=False, stop_strings=(), tokenizer=None, calculator=False, cuda_graph=True):
+             return_logprobs=False, stop_strings=(), tokenizer=None, calculator=False, cuda_graph=True,
+             batch_size=None, on_finish=None):
     """Continue each prompt (a list of token ids) by up to max_new_tokens.
 
     A row stops after emitting a token in stop_ids (kept in its output), or once its decoded text
-    contains one of stop_strings (needs `tokenizer`). Returns the new tokens of each row and, with
-    return_logprobs, their log-probs under the model (log_softmax of the raw logits: temperature 1,
-    no top-k/top-p), as the PPO trainer recomputes them.
+    contains one of stop_strings (needs `tokenizer`). Returns the new tokens of each prompt and,
+    with return_logprobs, their log-probs under the model (log_softmax of the raw logits:
+    temperature 1, no top-k/top-p), as the PPO trainer recomputes them.
+    batch_size: how many prompts decode together (default: all). With more prompts than that, a
+    row that finishes takes the next waiting prompt (continuous batching): the batch stays full
+    until the prompts run out, instead of decoding its last unfinished rows alone.
+    on_finish: called with a prompt's index when it is done (a progress bar).
     calculator: when a row writes a GSM8K annotation `<<expr=`, the result of expr (see
     `nanogsm.gsm8k.calculate`) is forced as its next tokens, as in the GSM8K paper.
     cuda_graph=False: plain eager decode steps on CUDA too (to compare; the outputs are the same).
     """
     if (stop_strings or calculator) and tokenizer is None:
         raise ValueError("generate: stop_strings and calculator need a tokenizer")
+    if max_new_tokens < 1 or not prompts or not all(prompts):
+        raise ValueError(f"generate: needs max_new_tokens >= 1 (got {max_new_tokens}) and at least one prompt, "
+                         "each of at least one token")
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    B, P = len(prompts), max(len(p) for p in prompts)
-    x = torch.zeros(B, P, dtype=torch.long)
-    pad_mask = torch.zeros(B, P, dtype=torch.bool)
-    for i, p in enumerate(prompts):  # left padding: every row's last prompt token is at column P-1
-        x[i, P - len(p):] = torch.tensor(p)
-        pad_mask[i, P - len(p):] = True
+    # Longest first: a prompt taking over a row ends at the write slot, so every later prompt fits
+    # before it (the rows still decoding began with prompts at least as long).
+    waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    B, P = min(len(prompts), batch_size or len(prompts)), len(prompts[waiting[0]])
     # Fixed shapes (all slots read) where a step is recorded or compiled; else only the slots written.
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, static=device.type == "cuda" or model.compiled)
+    cache.pos.fill_(P - 1)  # the first P - 1 slots: for the prompts, all but their last token
     step_fn = DecodeStep(model, cache, cuda_graph)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
-    out_tokens, out_logprobs = [[] for _ in range(B)], [[] for _ in range(B)]
-    texts, forced = [""] * B, [[] for _ in range(B)]  # generated text per row, calculator tokens to force
+    out_tokens, out_logprobs = [[] for _ in prompts], [[] for _ in prompts]
+    texts, forced = [""] * len(prompts), [[] for _ in prompts]  # generated text per prompt, calculator tokens to force
     tails = [tokenizer.decode(p[-16:], skip_special=False) if calculator else "" for p in prompts]  # '<<' may be in the prompt
-    rows = list(range(B))  # original index of each row still in the batch
-    finished = [False] * B  # per row still in the batch
-    logits = model(x.to(device), pad_mask=pad_mask.to(device), cache=cache, last_only=True)[:, -1].float()  # (B, V)
+    rows, starts = [None] * B, [0] * B  # per batch row: the prompt it decodes, the slot where that prompt starts
+    finished = [True] * B  # per batch row: nothing (more) to decode; all rows are free at first
+    tokens = torch.zeros(B, dtype=torch.long, device=device)  # per row, the token the next step feeds
+    pos = P - 1  # the cache's write slot, as a host number
     with decode_weights(model, B):  # fused projections; on this CPU, oneDNN's blocked weights
-        for step in range(max_new_tokens):
+        while True:
+            free = [j for j, done in enumerate(finished) if done]
+            if free and waiting:  # free rows take waiting prompts: all but the last token prefilled
+                free, new = free[:len(waiting)], [waiting.pop(0) for _ in free[:len(waiting)]]
+                prefill(model, cache, torch.tensor(free, device=device), [prompts[r][:-1] for r in new], pos)
+                tokens[free] = torch.tensor([prompts[r][-1] for r in new], device=device)  # the next step feeds it
+                for j, r in zip(free, new):
+                    rows[j], starts[j], finished[j] = r, pos - len(prompts[r]) + 1, False
+            elif all(finished):
+                break
+            elif len(free) >= 0.25 * len(rows):  # no prompt waits: drop finished rows so they stop costing compute
+                keep = [j for j, done in enumerate(finished) if not done]
+                rows, starts, finished = [rows[j] for j in keep], [starts[j] for j in keep], [False] * len(keep)
+                keep = torch.tensor(keep, device=device)
+                tokens = tokens[keep]
+                cache.keep(keep)
+            # Drop the slots before the oldest row still decoding when no slot is left (there are some:
+            # no row outlives the cache), or once they are an eighth of the cache: on the CPU attention
+            # reads all slots up to the write slot.
+            first = min(s for s, done in zip(starts, finished) if not done)
+            if first > 0 and (pos == cache.valid.shape[1] or 8 * first >= cache.valid.shape[1]):
+                cache.shift(first)
+                pos, starts = pos - first, [s - first for s in starts]
+            # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
+            logits = step_fn(tokens, torch.tensor([not done for done in finished], device=device))  # (b, V)
+            pos += 1
             tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
             for j, r in enumerate(rows):  # forced calculator tokens replace the sample
-                if forced[r]:
+                if forced[r] and not finished[j]:
                     tokens[j] = forced[r].pop(0)
             logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
             # The step's one wait for the device: its tokens and stop flags (and log-probs) come to the host.
@@ -134,23 +170,27 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
                 out_tokens[r].append(token_list[j])
                 if return_logprobs:
                     out_logprobs[r].append(logprob_list[j])
-                finished[j] = stop_list[j] == 1
+                finished[j] = stop_list[j] == 1 or len(out_tokens[r]) == max_new_tokens
                 if stop_strings or calculator:
                     texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
                     finished[j] |= any(s in texts[r] for s in stop_strings)
                     if calculator and not forced[r]:
                         forced[r] = calculator_tokens(tails[r] + texts[r], tokenizer)
-            if step == max_new_tokens - 1 or all(finished):
-                break
-            if sum(finished) >= 0.25 * len(rows):  # drop finished rows so they stop costing compute
-                keep = [j for j, done in enumerate(finished) if not done]
-                rows, finished = [rows[j] for j in keep], [False] * len(keep)
-                keep = torch.tensor(keep, device=device)
-                tokens = tokens[keep]
-                cache.keep(keep)
-            # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
-            logits = step_fn(tokens, torch.tensor([not done for done in finished], device=device))
+                if finished[j] and on_finish is not None:
+                    on_finish(r)
     return (out_tokens, out_logprobs) if return_logprobs else out_tokens
+
+
+def prefill(model, cache, rows, prompts, end):
+    """Prefill `prompts` (lists of token ids, left-padded to one length T) into batch rows `rows`
+    of `cache`, in its slots end - T .. end - 1 (`KVCache.place`)."""
+    T = max(len(p) for p in prompts)
+    prefix = KVCache(model.config, len(prompts), T, cache.valid.device, cache.k[0].dtype)
+    if T > 0:
+        x = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (n, T)
+        pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])  # (n, T)
+        model(x.to(rows.device), pad_mask=pad_mask.to(rows.device), cache=prefix, last_only=True, head=False)
+    cache.place(rows, prefix, end)
 
 
 def calculator_tokens(text, tokenizer):

@@ -168,24 +168,17 @@ def is_correct(completion, gold_answer):
 
 def evaluate(model, tok, records, strategy="one-shot-instruct", chat=False, batch_size=16, max_new_tokens=256,
              samples=1, temperature=0.0, seed=0, calculator=False):
-    """Generate for every record (k = samples per problem) and score; returns one row per problem."""
-    prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok)) for r in records]
+    """Generate for every record (k = samples per problem) and score; returns one row per problem.
+    All prompts go to one `generate` call that decodes batch_size of them at a time, refilling
+    finished rows (continuous batching)."""
     k = samples
-    batches = length_batches(prompts, max(1, batch_size // k))
-    completions = {}
-    for b, batch in enumerate(progress(batches, desc=strategy)):
-        outs = generate(model, [prompts[i] for i in batch for _ in range(k)], max_new_tokens,
-                        temperature=temperature, stop_ids=tok.stop_ids, stop_strings=STOP_STRINGS,
-                        tokenizer=tok, seed=seed + b, calculator=calculator)
-        for j, i in enumerate(batch):
-            completions[i] = outs[j * k:(j + 1) * k]
-    return [score(records[i], [finish(t, tok, max_new_tokens) for t in completions[i]]) for i in range(len(records))]
-
-
-def length_batches(prompts, batch_size):
-    """Index batches of `batch_size` prompts, longest first, so that similar lengths batch together."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok)) for r in records for _ in range(k)]
+    bar = progress(range(len(prompts)), desc=strategy)  # advanced as answers finish
+    next(bar)
+    outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
+                    stop_strings=STOP_STRINGS, tokenizer=tok, seed=seed, calculator=calculator,
+                    batch_size=batch_size, on_finish=lambda i: next(bar, None))
+    return [score(r, [finish(t, tok, max_new_tokens) for t in outs[i * k:(i + 1) * k]]) for i, r in enumerate(records)]
 
 
 def finish(tokens, tok, max_new_tokens):

@@ -397,6 +397,25 @@ class KVCache:
         """Keep only these batch rows (a LongTensor of indices), e.g. when others finished."""
         self.k, self.v, self.valid = [k[rows] for k in self.k], [v[rows] for v in self.v], self.valid[rows]
 
+    def place(self, rows, prefix, end):
+        """Batch rows `rows` (a LongTensor) start over: they hold `prefix`'s slots (a filled KVCache
+        of len(rows) rows), ending at slot `end`, and nothing else (their other slots turn invalid).
+        In place: a recorded CUDA graph keeps reading these tensors."""
+        T = prefix.valid.shape[1]
+        self.valid[rows] = False
+        self.valid[rows, end - T:end] = prefix.valid  # (n, T)
+        for mine, theirs in zip(self.k + self.v, prefix.k + prefix.v):
+            mine[rows, :, end - T:end] = theirs  # (n, nkv, T, hd)
+
+    def shift(self, n):
+        """Move every slot n to the left, dropping the first n (no row still decoding may hold
+        one): room at the end for more steps. Positions follow the valid slots, so they stay."""
+        for t in self.k + self.v:
+            t[:, :, :-n] = t[:, :, n:].clone()  # (B, nkv, max_len - n, hd)
+        self.valid[:, :-n] = self.valid[:, n:].clone()
+        self.valid[:, -n:] = False
+        self.pos -= n
+
 
 class Gemma(nn.Module):
     def __init__(self, cfg: GemmaConfig):

@@ -7,7 +7,7 @@ import torch
 from conftest import FAMILIES, WINDOW
 from nanogsm.generate import generate
 from nanogsm.model import Gemma
-from test_generate import PROMPTS
+from test_generate import PROMPTS, QUEUE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -32,6 +32,18 @@ def test_cuda_graph_under_autocast_with_stops_and_logprobs(temperature, hf_check
     assert graph == eager
     if temperature == 0.0:
         assert len(graph[0][0]) == free.index(free[4]) + 1 < 12  # row 0 stopped early
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_with_continuous_batching(family, hf_checkpoint):
+    """Rows refilled and the cache shifted in place under the recorded step (as on the CPU in
+    test_generate, where the outputs are also checked against each prompt alone)."""
+    model = Gemma.from_pretrained(hf_checkpoint(family)[1], device="cuda")
+    free = generate(model, QUEUE, 3 * WINDOW, cuda_graph=False)
+    kw = dict(max_new_tokens=3 * WINDOW, stop_ids=[free[0][3], free[2][2]], batch_size=2, return_logprobs=True)
+    (graph, graph_lp), (eager, eager_lp) = generate(model, QUEUE, **kw), generate(model, QUEUE, cuda_graph=False, **kw)
+    assert graph == eager == [generate(model, [p], cuda_graph=False, **kw)[0][0] for p in QUEUE]
+    torch.testing.assert_close(graph_lp, eager_lp, atol=1e-4, rtol=0)
 
 
 def test_compiled_blocks_recorded_in_the_cuda_graph_give_the_eager_tokens(hf_checkpoint):

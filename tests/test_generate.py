@@ -8,6 +8,7 @@ from nanogsm.generate import generate, sample
 from nanogsm.model import Gemma, KVCache
 
 PROMPTS = [[2, 17, 33, 9, 100, 41, 7], [2, 5, 6], [2, 200, 1 + 7, 90, 13]]
+QUEUE = PROMPTS + [[2, 8, 8, 8], [2, 150, 4, 4, 4, 4, 4, 4, 4, 4], [2]]  # more prompts than rows, not longest first
 
 
 def hf_greedy(hf, prompt, n):
@@ -31,6 +32,25 @@ def test_mixed_lengths_batch_equals_each_alone(family, hf_checkpoint):
     model = Gemma.from_pretrained(hf_checkpoint(family)[1])
     batch = generate(model, PROMPTS, max_new_tokens=12)
     assert batch == [generate(model, [p], max_new_tokens=12)[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_continuous_batching_equals_each_alone(family, hf_checkpoint, monkeypatch):
+    """Six prompts through two rows: a finished row takes the next waiting prompt, and a full cache
+    shifts left (past the sliding window); tokens and log-probs as each prompt alone."""
+    model = Gemma.from_pretrained(hf_checkpoint(family)[1])
+    prompts, n = QUEUE, 3 * WINDOW
+    free = [generate(model, [p], n)[0] for p in prompts]
+    stop = [free[0][3], free[2][2]]  # some rows stop early, others run to n
+    alone = [generate(model, [p], n, stop_ids=stop, return_logprobs=True) for p in prompts]
+    assert len({len(tokens[0]) for tokens, _ in alone}) >= 3
+    shifts, done = [], []
+    monkeypatch.setattr(KVCache, "shift", lambda self, k, shift=KVCache.shift: (shifts.append(k), shift(self, k)))
+    tokens, logprobs = generate(model, prompts, n, stop_ids=stop, return_logprobs=True, batch_size=2,
+                                on_finish=done.append)
+    assert tokens == [t[0] for t, _ in alone]
+    torch.testing.assert_close(logprobs, [lp[0] for _, lp in alone], atol=1e-4, rtol=0)
+    assert shifts and sorted(done) == list(range(len(prompts)))
 
 
 def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
