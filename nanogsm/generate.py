@@ -8,7 +8,7 @@ the last token. With more prompts than rows, a finished row takes the next waiti
 once enough of them are done. A full cache shifts its slots left past the oldest row's prompt.
 On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`). The decode steps
 read each layer's q/k/v and gate/up weights concatenated, and on the CPU oneDNN's blocked copies
-of the fp32 weights (`decode_weights`); on the CPU they attend only to the cache slots written so
+of the fp32 or bf16 weights (`decode_weights`); on the CPU they attend only to the cache slots written so
 far (a non-static `KVCache`).
 """
 import torch

@@ -130,7 +130,8 @@ def _rope_params(cfg, model_type):
 # the two Zen 4 cores here, where oneDNN (also inside PyTorch, which runs bf16 matmuls through it)
 # runs AVX-512 at 0.46, and 2.4-2.7x MKL's speed on the LM head of a decode step (docs/BENCHMARKS.md).
 # `mm_t` and `linear` send CPU fp32 matmuls there; everything else (CUDA, bf16, autocast, compiled
-# code, a build without oneDNN) takes PyTorch's usual path.
+# code, a build without oneDNN) takes PyTorch's usual path, except decode steps' packed weights
+# (`decode_weights`, fp32 and bf16).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -153,13 +154,20 @@ def mm_t(a, b):
 def linear(x, weight, bias=None, packed=None):
     """F.linear, with CPU fp32 products (forward and both gradients) through `mm_t`. packed:
     oneDNN's blocked copy of `weight` (see `decode_weights`), read when no gradient is needed."""
+    if packed is not None and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     if not on_onednn(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return LinearFn.apply(x, weight, bias)
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return onednn_linear(x, weight, bias)  # inference: no autograd node
+
+
+def packable(weight):
+    """Whether `decode_weights` packs this weight for oneDNN: on the CPU, fp32 (see `on_onednn`) or
+    bf16 (plain PyTorch runs bf16 products through oneDNN too, reordering the weight each time)."""
+    return ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and not (
+        torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
 
 
 def onednn_linear(x, weight, bias):  # (..., k), (n, k), (n,) or None -> (..., n)
@@ -207,22 +215,23 @@ def project(x, linears, fused):
 
 @contextlib.contextmanager
 def decode_weights(model, rows):
-    """Weights laid out for decode steps while active. `generate` holds it for its decode steps,
-    after the prefill, and the copies are dropped on exit: they cannot go stale when the weights
-    change between calls (PPO trains them).
+    """Weights laid out for decode steps while active. `generate` holds it for a whole call (its
+    decode steps, and the prefills of rows taking prompts), and the copies are dropped on exit:
+    they cannot go stale when the weights change between calls (PPO trains them).
     - Fused: each layer's q, k and v weights as one tensor, gate and up as one, so a step makes
       4 products a layer instead of 7. At batch 1 on a GPU the small q/k/v products are launch-
       and latency-bound (~5 µs each for 1-8 MiB of gemma-2b weights, docs/BENCHMARKS.md).
       Projections with LoRA adapters keep their own products.
-    - Packed, on this CPU (fp32, not compiled): every weight reordered once into oneDNN's blocked
-      layout for products of `rows` rows, instead of inside every product; a batch-16 step of
-      Gemma 3 270M here is ~25% faster. (Slower for a prefill's thousands of rows.)
+    - Packed, on this CPU (fp32 or bf16 weights, not compiled, not under autocast): every weight
+      reordered once into oneDNN's blocked layout for products of `rows` rows, instead of inside
+      every product; a batch-16 step of Gemma 3 270M here is ~25% faster in fp32, evaluate.py's
+      job 17% in bf16. (A prefill's thousands of rows lose nothing, measured.)
     Under autocast the fused copies are made in its dtype, the values autocast would cast the
     weights to: they are not cast again in every step (autocast caches only its casts of
     parameters). The cost: a second copy of the fused weights (on this CPU, of all of them)."""
     device = model.embed_tokens.weight.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    pack = not model.compiled and on_onednn(model.embed_tokens.weight)
+    pack = not model.compiled and packable(model.embed_tokens.weight)
     layout = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else None  # noqa: E731
     groups = [(b.self_attn, "qkv", [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in model.layers]
     groups += [(b.mlp, "gate_up", [b.mlp.gate_proj, b.mlp.up_proj]) for b in model.layers]

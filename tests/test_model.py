@@ -215,7 +215,7 @@ def fused_and_packed(model):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_weights_give_the_same_logits_and_are_dropped_on_exit(hf_checkpoint, dtype):
     """Inside `decode_weights` each layer's q/k/v and gate/up products are one product each, and
-    on this CPU (fp32) every weight is read from oneDNN's blocked copy; the logits stay those of
+    on this CPU (fp32 and bf16) every weight is read from oneDNN's blocked copy; the logits stay those of
     the plain model, a forward that needs gradients passes them to every weight, and the copies are
     dropped on exit, an exception included. Projections under LoRA adapters are left separate."""
     model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1]).to(dtype)
@@ -228,7 +228,7 @@ def test_decode_weights_give_the_same_logits_and_are_dropped_on_exit(hf_checkpoi
             assert [g[0].shape[0] for g in fused[:2]] == [(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
                                                           2 * cfg.intermediate_size]
             assert len(fused) == 2 * cfg.num_layers
-            packs = ONEDNN and dtype == torch.float32  # oneDNN's fp32 products only
+            packs = ONEDNN  # fp32 and bf16 weights alike
             assert len(singles) == (2 * cfg.num_layers if packs else 0) and (head is not None) == packs
             assert all((g[2] is not None) == packs for g in fused)
             out = model(x)
