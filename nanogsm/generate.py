@@ -133,7 +133,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
         while True:
             free = [j for j, done in enumerate(finished) if done]
             if free and waiting:  # free rows take waiting prompts: all but the last token prefilled
-                free, new = free[:len(waiting)], [waiting.pop(0) for _ in free[:len(waiting)]]
+                free = free[:len(waiting)]
+                new, waiting = waiting[:len(free)], waiting[len(free):]
                 prefill(model, cache, torch.tensor(free, device=device), [prompts[r][:-1] for r in new], pos)
                 tokens[free] = torch.tensor([prompts[r][-1] for r in new], device=device)  # the next step feeds it
                 for j, r in zip(free, new):

@@ -135,11 +135,12 @@ def _rope_params(cfg, model_type):
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def on_onednn(*tensors):
-    """Whether a product of these tensors goes to oneDNN: CPU fp32, outside autocast and outside
-    torch.compile (inductor cannot lower this op with an unpacked weight; it picks its own GEMM)."""
+def on_onednn(*tensors, dtypes=(torch.float32,)):
+    """Whether a product of these tensors goes to oneDNN: CPU fp32 (`decode_weights` packs bf16
+    too), outside autocast and outside torch.compile (inductor cannot lower this op with an
+    unpacked weight; it picks its own GEMM)."""
     return ONEDNN and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        t.device.type == "cpu" and t.dtype in dtypes for t in tensors)
 
 
 def mm_t(a, b):
@@ -161,13 +162,6 @@ def linear(x, weight, bias=None, packed=None):
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return LinearFn.apply(x, weight, bias)
     return onednn_linear(x, weight, bias)  # inference: no autograd node
-
-
-def packable(weight):
-    """Whether `decode_weights` packs this weight for oneDNN: on the CPU, fp32 (see `on_onednn`) or
-    bf16 (plain PyTorch runs bf16 products through oneDNN too, reordering the weight each time)."""
-    return ONEDNN and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16) and not (
-        torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
 
 
 def onednn_linear(x, weight, bias):  # (..., k), (n, k), (n,) or None -> (..., n)
@@ -231,7 +225,7 @@ def decode_weights(model, rows):
     parameters). The cost: a second copy of the fused weights (on this CPU, of all of them)."""
     device = model.embed_tokens.weight.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    pack = not model.compiled and packable(model.embed_tokens.weight)
+    pack = not model.compiled and on_onednn(model.embed_tokens.weight, dtypes=(torch.float32, torch.bfloat16))
     layout = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else None  # noqa: E731
     groups = [(b.self_attn, "qkv", [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in model.layers]
     groups += [(b.mlp, "gate_up", [b.mlp.gate_proj, b.mlp.up_proj]) for b in model.layers]
