@@ -1,9 +1,9 @@
 """Batched sampling with a preallocated KV cache: prefills, then one-token decode steps.
 
 A batch row takes a prompt by prefilling all but its last token into the cache slots just before
-the write slot (left-padded: `Gemma.forward` derives each row's positions and masks from the
-cache's `valid` slots, so a row computes exactly what it would alone); the next decode step feeds
-the last token. With more prompts than rows, a finished row takes the next waiting prompt
+the write slot (`Gemma.forward` derives each row's positions and masks from the cache's `valid`
+slots, so a row computes exactly what it would alone); the next decode step feeds the last token.
+The start all prompts share (BOS, or a one-shot example) is prefilled once and copied. With more prompts than rows, a finished row takes the next waiting prompt
 (continuous batching); when none waits, finished rows are dropped from the batch (and the cache)
 once enough of them are done. A full cache shifts its slots left past the oldest row's prompt.
 On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`). The decode steps
@@ -11,6 +11,8 @@ read each layer's q/k/v and gate/up weights concatenated, and on the CPU oneDNN'
 of the fp32 or bf16 weights (`decode_weights`); on the CPU they attend only to the cache slots written so
 far (a non-static `KVCache`).
 """
+import os
+
 import torch
 
 from nanogsm.model import KVCache, decode_weights
@@ -118,6 +120,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     # Fixed shapes (all slots read) where a step is recorded or compiled; else only the slots written.
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, static=device.type == "cuda" or model.compiled)
     cache.pos.fill_(P - 1)  # the first P - 1 slots: for the prompts, all but their last token
+    # The prompts' common start (BOS; with a one-shot prompt, the example and the instruction) is
+    # prefilled once, in a cache of its own, and copied into each row that takes a prompt.
+    C = min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)  # each keeps its last token
+    shared = KVCache(model.config, 1, C, device, dtype)
+    if C > 0:
+        model(torch.tensor([prompts[0][:C]], device=device), cache=shared, last_only=True, head=False)
     step_fn = DecodeStep(model, cache, cuda_graph)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
@@ -135,7 +143,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
             if free and waiting:  # free rows take waiting prompts: all but the last token prefilled
                 free = free[:len(waiting)]
                 new, waiting = waiting[:len(free)], waiting[len(free):]
-                prefill(model, cache, torch.tensor(free, device=device), [prompts[r][:-1] for r in new], pos)
+                prefill(model, cache, free, [prompts[r][:-1] for r in new], pos, shared)
                 tokens[free] = torch.tensor([prompts[r][-1] for r in new], device=device)  # the next step feeds it
                 for j, r in zip(free, new):
                     rows[j], starts[j], finished[j] = r, pos - len(prompts[r]) + 1, False
@@ -182,16 +190,23 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     return (out_tokens, out_logprobs) if return_logprobs else out_tokens
 
 
-def prefill(model, cache, rows, prompts, end):
-    """Prefill `prompts` (lists of token ids, left-padded to one length T) into batch rows `rows`
-    of `cache`, in its slots end - T .. end - 1 (`KVCache.place`)."""
-    T = max(len(p) for p in prompts)
-    prefix = KVCache(model.config, len(prompts), T, cache.valid.device, cache.k[0].dtype)
+def prefill(model, cache, rows, prompts, end, shared):
+    """Prefill `prompts` (lists of token ids) into batch rows `rows` (a list) of `cache`, each
+    ending at slot `end`. They start with `shared`'s C tokens (a 1-row KVCache), which are copied;
+    the rest, right-padded, is computed after them."""
+    C, tails = shared.valid.shape[1], [p[shared.valid.shape[1]:] for p in prompts]
+    T = max(len(t) for t in tails)
+    block = KVCache(model.config, len(prompts), C + T, cache.valid.device, cache.k[0].dtype)
+    for mine, theirs in zip(block.k + block.v, shared.k + shared.v):
+        mine[:, :, :C] = theirs  # (n, nkv, C, hd)
+    block.valid[:, :C] = True
+    block.pos.fill_(C)
     if T > 0:
-        x = torch.tensor([[0] * (T - len(p)) + p for p in prompts])  # (n, T)
-        pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts])  # (n, T)
-        model(x.to(rows.device), pad_mask=pad_mask.to(rows.device), cache=prefix, last_only=True, head=False)
-    cache.place(rows, prefix, end)
+        x = torch.tensor([t + [0] * (T - len(t)) for t in tails])  # (n, T)
+        pad_mask = torch.tensor([[True] * len(t) + [False] * (T - len(t)) for t in tails])  # (n, T)
+        model(x.to(block.valid.device), pad_mask=pad_mask.to(block.valid.device), cache=block, last_only=True,
+              head=False)
+    cache.place(rows, block, [len(p) for p in prompts], end)
 
 
 def calculator_tokens(text, tokenizer):

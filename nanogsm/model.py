@@ -400,15 +400,15 @@ class KVCache:
         """Keep only these batch rows (a LongTensor of indices), e.g. when others finished."""
         self.k, self.v, self.valid = [k[rows] for k in self.k], [v[rows] for v in self.v], self.valid[rows]
 
-    def place(self, rows, prefix, end):
-        """Batch rows `rows` (a LongTensor) start over: they hold `prefix`'s slots (a filled KVCache
-        of len(rows) rows), ending at slot `end`, and nothing else (their other slots turn invalid).
-        In place: a recorded CUDA graph keeps reading these tensors."""
-        T = prefix.valid.shape[1]
+    def place(self, rows, block, lengths, end):
+        """Batch row rows[i] starts over with the first lengths[i] slots of `block`'s row i (a
+        filled KVCache), ending at slot `end`; its other slots turn invalid. In place: a recorded
+        CUDA graph keeps reading these tensors."""
         self.valid[rows] = False
-        self.valid[rows, end - T:end] = prefix.valid  # (n, T)
-        for mine, theirs in zip(self.k + self.v, prefix.k + prefix.v):
-            mine[rows, :, end - T:end] = theirs  # (n, nkv, T, hd)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            self.valid[row, end - n:end] = True
+            for mine, theirs in zip(self.k + self.v, block.k + block.v):
+                mine[row, :, end - n:end] = theirs[i, :, :n]  # (nkv, n, hd)
 
     def shift(self, n):
         """Move every slot n to the left, dropping the first n (no row still decoding may hold
