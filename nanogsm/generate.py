@@ -194,7 +194,8 @@ def prefill(model, cache, rows, prompts, end, shared):
     """Prefill `prompts` (lists of token ids) into batch rows `rows` (a list) of `cache`, each
     ending at slot `end`. They start with `shared`'s C tokens (a 1-row KVCache), which are copied;
     the rest, right-padded, is computed after them."""
-    C, tails = shared.valid.shape[1], [p[shared.valid.shape[1]:] for p in prompts]
+    C = shared.valid.shape[1]
+    tails = [p[C:] for p in prompts]  # what each row computes after the shared start
     T = max(len(t) for t in tails)
     block = KVCache(model.config, len(prompts), C + T, cache.valid.device, cache.k[0].dtype)
     for mine, theirs in zip(block.k + block.v, shared.k + shared.v):
