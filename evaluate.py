@@ -107,6 +107,8 @@ def main(args):
         raise ValueError("--model is required (or --compare A B)")
     if args.prompt != "all" and args.prompt not in STRATEGIES:
         raise ValueError(f"--prompt {args.prompt!r}: expected one of {', '.join(STRATEGIES)}, or all")
+    if args.n < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--n, --batch-size and --max-new-tokens must be at least 1")
     if args.samples < 1 or (args.samples > 1 and args.temperature == 0.0):
         raise ValueError("--samples k > 1 needs --temperature > 0 (greedy samples are all the same)")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -108,9 +108,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     """
     if (stop_strings or calculator) and tokenizer is None:
         raise ValueError("generate: stop_strings and calculator need a tokenizer")
-    if max_new_tokens < 1 or not prompts or not all(prompts):
-        raise ValueError(f"generate: needs max_new_tokens >= 1 (got {max_new_tokens}) and at least one prompt, "
-                         "each of at least one token")
+    if max_new_tokens < 1 or not all(prompts):
+        raise ValueError(f"generate: needs max_new_tokens >= 1 (got {max_new_tokens}) and prompts of at least one token")
+    if not prompts:
+        return ([], []) if return_logprobs else []
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     # Longest first: a prompt taking over a row ends at the write slot, so every later prompt fits

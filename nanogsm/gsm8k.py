@@ -174,7 +174,7 @@ def evaluate(model, tok, records, strategy="one-shot-instruct", chat=False, batc
     k = samples
     prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok)) for r in records for _ in range(k)]
     bar = progress(range(len(prompts)), desc=strategy)  # advanced as answers finish
-    next(bar)
+    next(bar, None)
     outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
                     stop_strings=STOP_STRINGS, tokenizer=tok, seed=seed, calculator=calculator,
                     batch_size=batch_size, on_finish=lambda i: next(bar, None))

@@ -26,6 +26,7 @@ def run(*args, data_dir=None):
     (["--model", "gemma-3-270m", "--prompt", "two-shot"], "error: --prompt 'two-shot'"),
     (["--model", "gemma-3-270m", "--data-dir", "/nonexistent"], "error: GSM8K data folder /nonexistent does not exist"),
     (["--model", "gemma-3-270m", "--config", "mian"], "error: unknown GSM8K config 'mian'"),
+    (["--model", "gemma-3-270m", "--n", "0"], "error: --n, --batch-size and --max-new-tokens must be at least 1"),
 ])
 def test_user_errors_are_one_line(args, message, data_dir):
     result = run(*args, data_dir=data_dir)
