@@ -3,13 +3,14 @@
 A batch row takes a prompt by prefilling all but its last token into the cache slots just before
 the write slot (`Gemma.forward` derives each row's positions and masks from the cache's `valid`
 slots, so a row computes exactly what it would alone); the next decode step feeds the last token.
-The start all prompts share (BOS, or a one-shot example) is prefilled once and copied. With more prompts than rows, a finished row takes the next waiting prompt
-(continuous batching); when none waits, finished rows are dropped from the batch (and the cache)
-once enough of them are done. A full cache shifts its slots left past the oldest row's prompt.
-On CUDA each decode step is replayed from a recorded CUDA graph (`DecodeStep`). The decode steps
-read each layer's q/k/v and gate/up weights concatenated, and on the CPU oneDNN's blocked copies
-of the fp32 or bf16 weights (`decode_weights`); on the CPU they attend only to the cache slots written so
-far (a non-static `KVCache`).
+The start all prompts share (BOS, or a one-shot example) is prefilled once and copied. With more
+prompts than rows, a finished row takes the next waiting prompt (continuous batching); when none
+waits, finished rows are dropped from the batch (and the cache) once enough of them are done. The
+cache shifts its slots left past the oldest row still decoding when it is full, or once those
+dead slots are an eighth of it. On CUDA each decode step is replayed from a recorded CUDA graph
+(`DecodeStep`). The decode steps read each layer's q/k/v and gate/up weights concatenated, and on
+the CPU oneDNN's blocked copies of the fp32 or bf16 weights (`decode_weights`); on the CPU they
+attend only to the cache slots written so far (a non-static `KVCache`).
 """
 import os
 

@@ -374,9 +374,9 @@ class KVCache:
     (B, n_kv, max_len, hd). One tensor per layer, not one for all: a compiled block writes its
     slot in place, where torch.compile would copy a slice of a larger tensor whole and back.
 
-    `valid` marks which slots hold real tokens (left padding and slots not yet written are False),
-    so positions and masks follow from it; `pos`, a 0-d tensor on the cache's device, is the next
-    free slot. A static cache has attention read all max_len slots under the mask, so every decode
+    `valid` marks which slots hold real tokens (padding, a row's slots before its prompt and slots
+    not yet written are False), so positions and masks follow from it; `pos`, a 0-d tensor on the
+    cache's device, is the next free slot. A static cache has attention read all max_len slots under the mask, so every decode
     step has the same shapes and reads no value back to the host: on CUDA, `generate` records one
     step as a CUDA graph and replays it, and compiled blocks compile once. Otherwise (eager on the
     CPU, where reading `pos` costs nothing) attention reads only the slots written so far: with
