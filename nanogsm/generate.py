@@ -10,7 +10,8 @@ cache shifts its slots left past the oldest row still decoding when it is full, 
 dead slots are an eighth of it. On CUDA each decode step is replayed from a recorded CUDA graph
 (`DecodeStep`). The decode steps read each layer's q/k/v and gate/up weights concatenated, and on
 the CPU oneDNN's blocked copies of the fp32 or bf16 weights (`decode_weights`); on the CPU they
-attend only to the cache slots written so far (a non-static `KVCache`).
+attend only to the cache slots written so far (a non-static `KVCache`), and greedy tokens from
+fp32 weights come from the head in bf16, checked against an error bound (`screened_argmax`).
 """
 import os
 
@@ -43,9 +44,36 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
+def screened_argmax(model, h, k=16):
+    """The greedy tokens, argmax of model.logits(h), for hidden states h (b, d) -> (b,), with the
+    fp32 head skipped where it can be; needs `model.screen` (`decode_weights(greedy=True)`).
+
+    The head's 262k x 640 product is ~45% of a batch-16 decode step of Gemma 3 270M on the 2-core
+    CPU, and half that in bf16 (docs/BENCHMARKS.md). Logits `a` from h and the head rounded to
+    bf16 differ from the fp32 logits by at most
+        e = (2^-7 + 2^-12) |h| max_v |w_v|  +  2^-7 |a|
+    (h and w_v each rounded at a relative 2^-8, fp32 sums of d products, Cauchy-Schwarz; then `a`
+    itself rounded to bf16, |a| the larger of the first and the k-th). So when the k-th largest `a`
+    is more than 2e below the largest, the best token is among those k, and their exact fp32
+    logits pick it; other rows get the full fp32 head. (Gemma 2's final soft-cap is monotone: the
+    argmax of the raw logits is the same.)"""
+    head, w_max = model.screen
+    a = torch.ops.mkldnn._linear_pointwise(h.bfloat16(), head, None, "none", [], "")  # (b, V) in bf16
+    top, idx = a.topk(min(k, a.shape[-1]), dim=-1)  # (b, k), largest first
+    top = top.float()
+    e = (2**-7 + 2**-12) * h.norm(dim=-1) * w_max + 2**-7 * top[:, [0, -1]].abs().amax(-1)  # (b,)
+    exact = (model.embed_tokens.weight[idx] @ h[:, :, None]).squeeze(-1)  # (b, k, d) @ (b, d, 1) -> (b, k)
+    tokens = idx.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)  # (b,)
+    unsure = top[:, -1] >= top[:, 0] - 2 * e  # (b,)
+    if unsure.any():
+        tokens[unsure] = model.logits(h[unsure]).argmax(-1)
+    return tokens
+
+
 class DecodeStep:
-    """One decode step: tokens (b,) -> next-token logits (b, V) in fp32, each token written to its
-    row's next cache slot (alive False: the token is marked invalid, see `generate`).
+    """One decode step: tokens (b,) -> next-token logits (b, V) in fp32 (head=False: the final
+    hidden states (b, d), for `screened_argmax`), each token written to its row's next cache slot
+    (alive False: the token is marked invalid, see `generate`).
 
     On CUDA the step is recorded once as a CUDA graph and then replayed. A decode step of a small
     batch is ~50 small kernels per layer whose launch cost exceeds their run time; a replay
@@ -57,12 +85,12 @@ class DecodeStep:
     are new, so the step is recorded again for the smaller batch.
     """
 
-    def __init__(self, model, cache, cuda_graph=True):
-        self.model, self.cache, self.graph = model, cache, None
+    def __init__(self, model, cache, cuda_graph=True, head=True):
+        self.model, self.cache, self.graph, self.head = model, cache, None, head
         self.cuda_graph = cuda_graph and cache.valid.is_cuda
 
-    def forward(self, tokens, alive):
-        return self.model(tokens[:, None], pad_mask=alive[:, None], cache=self.cache)[:, -1].float()
+    def forward(self, tokens, alive):  # head=False: the final hidden states (b, d) instead
+        return self.model(tokens[:, None], pad_mask=alive[:, None], cache=self.cache, head=self.head)[:, -1].float()
 
     def __call__(self, tokens, alive):
         if not self.cuda_graph:
@@ -128,7 +156,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     shared = KVCache(model.config, 1, C, device, dtype)
     if C > 0:
         model(torch.tensor([prompts[0][:C]], device=device), cache=shared, last_only=True, head=False)
-    step_fn = DecodeStep(model, cache, cuda_graph)
     generator = None if seed is None else torch.Generator(device).manual_seed(seed)
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
@@ -139,7 +166,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     finished = [True] * B  # per batch row: nothing (more) to decode; all rows are free at first
     tokens = torch.zeros(B, dtype=torch.long, device=device)  # per row, the token the next step feeds
     pos = P - 1  # the cache's write slot, as a host number
-    with decode_weights(model, B):  # fused projections; on this CPU, oneDNN's blocked weights
+    # Fused projections; on this CPU oneDNN's blocked weights, and for greedy tokens a bf16 head.
+    with decode_weights(model, B, greedy=temperature == 0 and not return_logprobs):
+        step_fn = DecodeStep(model, cache, cuda_graph, head=model.screen is None)
         while True:
             free = [j for j, done in enumerate(finished) if done]
             if free and waiting:  # free rows take waiting prompts: all but the last token prefilled
@@ -165,9 +194,13 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
                 cache.shift(first)
                 pos, starts = pos - first, [s - first for s in starts]
             # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
-            logits = step_fn(tokens, torch.tensor([not done for done in finished], device=device))  # (b, V)
+            alive = torch.tensor([not done for done in finished], device=device)
+            if model.screen is not None:  # greedy, fp32 on this CPU: the head in bf16 first
+                tokens = screened_argmax(model, step_fn(tokens, alive))  # (b, d) -> (b,)
+            else:
+                logits = step_fn(tokens, alive)  # (b, V)
+                tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
             pos += 1
-            tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
             for j, r in enumerate(rows):  # forced calculator tokens replace the sample
                 if forced[r] and not finished[j]:
                     tokens[j] = forced[r].pop(0)

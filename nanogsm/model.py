@@ -208,7 +208,7 @@ def project(x, linears, fused):
 
 
 @contextlib.contextmanager
-def decode_weights(model, rows):
+def decode_weights(model, rows, greedy=False):
     """Weights laid out for decode steps while active. `generate` holds it for a whole call (its
     decode steps, and the prefills of rows taking prompts), and the copies are dropped on exit:
     they cannot go stale when the weights change between calls (PPO trains them).
@@ -220,6 +220,8 @@ def decode_weights(model, rows):
       reordered once into oneDNN's blocked layout for products of `rows` rows, instead of inside
       every product; a batch-16 step of Gemma 3 270M here is ~25% faster in fp32, evaluate.py's
       job 17% in bf16. (A prefill's thousands of rows lose nothing, measured.)
+    - greedy=True (fp32 weights packed): the head is packed in bf16 instead, with the largest norm
+      of its rows (`model.screen`), for `screened_argmax` in nanogsm/generate.py.
     Under autocast the fused copies are made in its dtype, the values autocast would cast the
     weights to: they are not cast again in every step (autocast caches only its casts of
     parameters). The cost: a second copy of the fused weights (on this CPU, of all of them)."""
@@ -239,14 +241,18 @@ def decode_weights(model, rows):
             setattr(owner, name, (w, b, layout(w)))
         for m in singles:
             m.packed = layout(m.weight)
-        model.packed_head = layout(model.embed_tokens.weight)
+        head = model.embed_tokens.weight
+        if greedy and pack and head.dtype == torch.float32:
+            model.screen = (layout(head.bfloat16()), head.norm(dim=-1).max().item())
+        else:
+            model.packed_head = layout(head)
         yield
     finally:
         for owner, name, _ in groups:
             setattr(owner, name, None)
         for m in singles:
             m.packed = None
-        model.packed_head = None
+        model.packed_head = model.screen = None
 
 
 class RMSNorm(nn.Module):
@@ -323,11 +329,17 @@ class Attention(nn.Module):
         """Attention as two matmuls; query heads are grouped per kv head with a view, so K/V are
         never repeated in memory. Gemma 2 needs it: scores -> cap * tanh(scores / cap) before the
         mask, which no fused kernel allows. A decode step (T = 1) uses it too: there the fused CPU
-        kernel gains nothing and in bf16 is ~8x slower than these two matmuls (measured)."""
+        kernel gains nothing and in bf16 is ~8x slower than these two matmuls (measured). On the
+        CPU a decode step's scores are K (S, hd) @ q^T, keys as rows: the same products, but bmm
+        streams the cache from memory twice as fast that way (docs/BENCHMARKS.md)."""
         B, _, T, hd = q.shape
         S, g = k.shape[2], self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, g * T, hd)  # (B, nkv, g*T, hd): the g query heads of each kv head
-        scores = (q @ k.transpose(-1, -2)).view(B, self.n_kv, g, T, S) * self.scale  # (B, nkv, g, T, S)
+        if T == 1 and q.device.type == "cpu":  # a decode step on the CPU: keys as rows (above)
+            scores = (k @ q.transpose(-1, -2)).transpose(-1, -2)  # (B, nkv, S, g) -> (B, nkv, g, S)
+        else:
+            scores = q @ k.transpose(-1, -2)  # (B, nkv, g*T, S)
+        scores = scores.view(B, self.n_kv, g, T, S) * self.scale  # (B, nkv, g, T, S)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
@@ -430,6 +442,7 @@ class Gemma(nn.Module):
         self.grad_checkpointing = False  # recompute each block's activations in backward
         self.compiled = False  # compile_blocks() was called (the training loss then compiles its head too)
         self.packed_head = None  # oneDNN's blocked copy of the tied head, while `decode_weights` is active
+        self.screen = None  # its bf16 copy and largest row norm, while `decode_weights(greedy=True)` is active
 
     def forward(self, input_ids, pad_mask=None, cache=None, last_only=False, head=True):
         """input_ids (B, T) -> logits (B, T, vocab).

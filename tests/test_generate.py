@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import FAMILIES, WINDOW
-from nanogsm.generate import generate, sample
-from nanogsm.model import Gemma, KVCache
+from conftest import FAMILIES, WINDOW, tiny_hf_config
+from nanogsm.generate import generate, sample, screened_argmax
+from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, decode_weights
 
 PROMPTS = [[2, 17, 33, 9, 100, 41, 7], [2, 5, 6], [2, 200, 1 + 7, 90, 13]]
 QUEUE = PROMPTS + [[2, 8, 8, 8], [2, 150, 4, 4, 4, 4, 4, 4, 4, 4], [2]]  # more prompts than rows, not longest first
@@ -109,6 +109,37 @@ def test_stop_ids_end_rows_and_are_kept(hf_checkpoint):
         cut = row_free.index(stop) + 1 if stop in row_free else len(row_free)
         assert row == row_free[:cut]
     assert len(stopped[0]) <= 5
+
+
+@pytest.mark.skipif(not ONEDNN, reason="the screen reads a bf16 head packed for oneDNN")
+def test_screened_argmax_is_the_fp32_argmax(monkeypatch):
+    """Greedy tokens through the bf16 screen of the head are the fp32 head's argmax. Three kinds of
+    rows: near one token (the screen's top 16 hold it); near a pair of tokens 1e-4 apart, which bf16
+    logits rank at random (the exact logits of the top 16 decide); near a cluster of 40 such
+    tokens, whose best the bf16 top 16 may miss (the bound sends these rows to the fp32 head)."""
+    cfg = GemmaConfig.from_hf(dict(tiny_hf_config("gemma3_text").to_dict(), vocab_size=4096))
+    model = Gemma(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    d = cfg.hidden_size
+    with torch.no_grad():
+        w = model.embed_tokens.weight
+        w.copy_(torch.randn(w.shape, generator=g) / d ** 0.5)  # rows of norm ~1, as in Gemma
+        w[101] = w[100] + 1e-4 * torch.randn(d, generator=g)  # a pair
+        w[200:240] = w[200] + 1e-4 * torch.randn(40, d, generator=g)  # a cluster
+        near = torch.tensor([7] * 8 + [100] * 8 + [200] * 8)
+        h = 30 * w[near] + 0.3 * torch.randn(24, d, generator=g)  # (24, d): logits ~30 at the top
+        ref = model.logits(h).argmax(-1)
+        bf16 = (h.bfloat16() @ w.bfloat16().T).argmax(-1)
+        full_head = []
+        with decode_weights(model, 24, greedy=True):
+            assert model.screen is not None and model.packed_head is None
+            logits = model.logits
+            monkeypatch.setattr(model, "logits", lambda x: (full_head.append(len(x)), logits(x))[1])
+            tokens = screened_argmax(model, h)
+    assert torch.equal(tokens, ref)
+    assert (bf16[8:] != ref[8:]).sum() >= 4  # bf16 logits alone pick other tokens
+    assert full_head == [8]  # the cluster's rows, and only those
+    assert model.screen is None
 
 
 def test_seeded_sampling_is_reproducible(hf_checkpoint):
