@@ -224,7 +224,8 @@ def decode_weights(model, rows, greedy=False):
       of its rows (`model.screen`), for `screened_argmax` in nanogsm/generate.py.
     Under autocast the fused copies are made in its dtype, the values autocast would cast the
     weights to: they are not cast again in every step (autocast caches only its casts of
-    parameters). The cost: a second copy of the fused weights (on this CPU, of all of them)."""
+    parameters). The cost: a second copy of the fused weights (on this CPU the blocked copies of all
+    weights, not the concatenations)."""
     device = model.embed_tokens.weight.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
     pack = not model.compiled and on_onednn(model.embed_tokens.weight, dtypes=(torch.float32, torch.bfloat16))
@@ -238,7 +239,8 @@ def decode_weights(model, rows, greedy=False):
         for owner, name, linears in groups:
             w = torch.cat([m.weight for m in linears]).to(dtype)  # (sum of outs, in); dtype None: as is
             b = None if linears[0].bias is None else torch.cat([m.bias for m in linears]).to(dtype)
-            setattr(owner, name, (w, b, layout(w)))
+            packed = layout(w)
+            setattr(owner, name, (w if packed is None else None, b, packed))  # packed: only it is read
         for m in singles:
             m.packed = layout(m.weight)
         head = model.embed_tokens.weight

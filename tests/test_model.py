@@ -206,7 +206,7 @@ def test_onednn_linear_equals_float64_products(bias):
 
 
 def fused_and_packed(model):
-    """What `decode_weights` set: the fused (weight, bias, packed) of each layer, the packed singles and head."""
+    """What `decode_weights` set: the fused (weight or None, bias, packed) of each layer, the packed singles and head."""
     fused = [g for b in model.layers for g in (b.self_attn.qkv, b.mlp.gate_up) if g is not None]
     singles = [m.packed for m in model.modules() if isinstance(m, Linear) and m.packed is not None]
     return fused, singles, model.packed_head
@@ -225,12 +225,12 @@ def test_decode_weights_give_the_same_logits_and_are_dropped_on_exit(hf_checkpoi
         ref = model(x)
         with decode_weights(model, 3):
             fused, singles, head = fused_and_packed(model)
-            assert [g[0].shape[0] for g in fused[:2]] == [(cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim,
-                                                          2 * cfg.intermediate_size]
+            assert [(g[0] if g[2] is None else g[2]).shape[0] for g in fused[:2]] == [
+                (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, 2 * cfg.intermediate_size]
             assert len(fused) == 2 * cfg.num_layers
             packs = ONEDNN  # fp32 and bf16 weights alike
             assert len(singles) == (2 * cfg.num_layers if packs else 0) and (head is not None) == packs
-            assert all((g[2] is not None) == packs for g in fused)
+            assert all((g[2] is not None) == packs and (g[0] is None) == packs for g in fused)  # one copy each
             out = model(x)
             with torch.enable_grad():
                 model(x).float().square().mean().backward()
@@ -273,7 +273,8 @@ def test_decode_weights_fuse_biases():
                 m.bias.normal_()
         ref = model(x)
         with decode_weights(model, 2):
-            assert all(b.self_attn.qkv[1].shape == (b.self_attn.qkv[0].shape[0],) for b in model.layers)
+            for a in (block.self_attn for block in model.layers):  # the bias is q's, k's and v's
+                assert a.qkv[1].shape == (sum(m.weight.shape[0] for m in (a.q_proj, a.k_proj, a.v_proj)),)
             torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
 
 
