@@ -358,6 +358,17 @@ def peak_flops(device, dtype):
     return measured, f"best measured {n}x{n} {dtype} matmul", measured
 
 
+def cpu_name():
+    """The CPU's model name, family and model (/proc/cpuinfo), for the report: hosts of one machine
+    kind differ (the dev machine's 2048^3 fp32 GEMM in oneDNN: 0.46 TFLOP/s one day, 0.21 another)."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30] if ":" in line)
+    except OSError:
+        return platform.processor() or "cpu"
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    return f"{info.get('model name', 'cpu')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+
+
 def main(args):
     from nanogsm.weights import resolve
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -368,7 +379,7 @@ def main(args):
     base = {"folder": str(folder), "dtype": dtype, "threads": args.threads, "steps": args.steps}
     peak, peak_source, matmul = peak_flops(device, getattr(torch, dtype))
     rows = []
-    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'cpu'} | "
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else cpu_name()} | "
           f"threads {args.threads} | {name} | {dtype} | MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     print(HEADER, flush=True)
     if "train" in args.only:
@@ -422,7 +433,7 @@ def main(args):
         print_row(rows[-1])
     out = Path(args.out or f"runs/bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"date": f"{datetime.date.today()}", "device": device, "model": name, "dtype": dtype,
+    report = {"date": f"{datetime.date.today()}", "device": device, "cpu": cpu_name(), "model": name, "dtype": dtype,
               "threads": args.threads, "peak_flops": peak, "peak_source": peak_source,
               "measured_matmul_flops": matmul, "argv": sys.argv[1:],
               "rows": rows}

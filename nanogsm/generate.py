@@ -59,7 +59,7 @@ def screened_argmax(model, h, k=16):
     argmax of the raw logits is the same.)"""
     head, w_max = model.screen
     a = torch.ops.mkldnn._linear_pointwise(h.bfloat16(), head, None, "none", [], "")  # (b, V) in bf16
-    top, idx = a.topk(min(k, a.shape[-1]), dim=-1)  # (b, k), largest first
+    top, idx = chunked_topk(a, k)  # (b, k), largest first
     top = top.float()
     e = (2**-7 + 2**-12) * h.norm(dim=-1) * w_max + 2**-7 * top[:, [0, -1]].abs().amax(-1)  # (b,)
     exact = (model.embed_tokens.weight[idx] @ h[:, :, None]).squeeze(-1)  # (b, k, d) @ (b, d, 1) -> (b, k)
@@ -68,6 +68,23 @@ def screened_argmax(model, h, k=16):
     if unsure.any():
         tokens[unsure] = model.logits(h[unsure]).argmax(-1)
     return tokens
+
+
+def chunked_topk(a, k, chunks=512):
+    """a.topk(k) over the last dim of a (b, V): values (b, k), largest first, and their indices,
+    found in two small steps. The k largest values lie in the k chunks (of `chunks` equal chunks)
+    with the largest maxima: a value in any other chunk is at most its chunk's maximum, which is
+    at most the k-th largest of those maxima. Over Gemma's 262k logits in bf16, 16 rows, k 16:
+    1.1 ms against 3.6 ms for one topk (docs/BENCHMARKS.md). Ties may pick other indices of the
+    same values. A vocabulary that does not split into `chunks` equal chunks, or k > chunks: one topk."""
+    b, V = a.shape
+    if V % chunks or k > chunks:
+        return a.topk(min(k, V), dim=-1)
+    n = V // chunks  # values per chunk
+    _, best = a.view(b, chunks, n).amax(-1).topk(k, dim=-1)  # (b, k): the chunks with the largest maxima
+    idx = (best[:, :, None] * n + torch.arange(n, device=a.device)).view(b, k * n)  # (b, k*n): their values' indices
+    top, j = a.gather(-1, idx).topk(k, dim=-1)  # (b, k)
+    return top, idx.gather(-1, j)
 
 
 class DecodeStep:

@@ -4,7 +4,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from conftest import FAMILIES, WINDOW, tiny_hf_config
-from nanogsm.generate import generate, sample, screened_argmax
+from nanogsm.generate import chunked_topk, generate, sample, screened_argmax
 from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, decode_weights
 
 PROMPTS = [[2, 17, 33, 9, 100, 41, 7], [2, 5, 6], [2, 200, 1 + 7, 90, 13]]
@@ -109,6 +109,23 @@ def test_stop_ids_end_rows_and_are_kept(hf_checkpoint):
         cut = row_free.index(stop) + 1 if stop in row_free else len(row_free)
         assert row == row_free[:cut]
     assert len(stopped[0]) <= 5
+
+
+@pytest.mark.parametrize("V, chunks", [(262144, 512), (4096, 512), (4000, 512), (64, 512)])
+def test_chunked_topk_is_topk(V, chunks):
+    """The top 16 through chunk maxima are torch.topk's values, ties included (bf16 logits have many),
+    and the indices point at them; with the top values crowded into one chunk, and spread."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, V, generator=g).bfloat16()
+    a[1, :40] += 10  # the best 40 in the first chunks
+    a[2] = a[2].round()  # a few distinct values: ties across chunks
+    a[3, -1] = 100  # the best in the last chunk
+    k = min(16, V)
+    top, idx = chunked_topk(a, k, chunks)
+    ref = a.topk(k, dim=-1).values
+    assert torch.equal(top, ref)
+    assert torch.equal(a.gather(-1, idx), top)
+    assert all(len(set(row)) == k for row in idx.tolist())  # k distinct indices
 
 
 @pytest.mark.skipif(not ONEDNN, reason="the screen reads a bf16 head packed for oneDNN")
