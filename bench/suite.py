@@ -378,8 +378,8 @@ def main(args):
     name = args.shape or args.model
     base = {"folder": str(folder), "dtype": dtype, "threads": args.threads, "steps": args.steps}
     peak, peak_source, matmul = peak_flops(device, getattr(torch, dtype))
-    rows = []
-    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else cpu_name()} | "
+    rows, cpu = [], cpu_name()
+    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else cpu} | "
           f"threads {args.threads} | {name} | {dtype} | MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     print(HEADER, flush=True)
     if "train" in args.only:
@@ -433,7 +433,7 @@ def main(args):
         print_row(rows[-1])
     out = Path(args.out or f"runs/bench-{datetime.datetime.now():%Y%m%d-%H%M%S}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"date": f"{datetime.date.today()}", "device": device, "cpu": cpu_name(), "model": name, "dtype": dtype,
+    report = {"date": f"{datetime.date.today()}", "device": device, "cpu": cpu, "model": name, "dtype": dtype,
               "threads": args.threads, "peak_flops": peak, "peak_source": peak_source,
               "measured_matmul_flops": matmul, "argv": sys.argv[1:],
               "rows": rows}
