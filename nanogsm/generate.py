@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from nanogsm.model import KVCache, decode_weights
+from nanogsm.model import KVCache, decode_weights, packed_linear
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
@@ -58,7 +58,7 @@ def screened_argmax(model, h, k=16):
     logits pick it; other rows get the full fp32 head. (Gemma 2's final soft-cap is monotone: the
     argmax of the raw logits is the same.)"""
     head, w_max = model.screen
-    a = torch.ops.mkldnn._linear_pointwise(h.bfloat16(), head, None, "none", [], "")  # (b, V) in bf16
+    a = packed_linear(h.bfloat16(), head, None)  # (b, V) in bf16
     top, idx = chunked_topk(a, k)  # (b, k), largest first
     top = top.float()
     e = (2**-7 + 2**-12) * h.norm(dim=-1) * w_max + 2**-7 * top[:, [0, -1]].abs().amax(-1)  # (b,)
@@ -164,8 +164,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     # before it (the rows still decoding began with prompts at least as long).
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     B, P = min(len(prompts), batch_size or len(prompts)), len(prompts[waiting[0]])
-    # Fixed shapes (all slots read) where a step is recorded or compiled; else only the slots written.
-    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, static=device.type == "cuda" or model.compiled)
+    # Fixed shapes (all slots read) where a step is recorded; else only the slots written.
+    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, static=device.type == "cuda")
     cache.pos.fill_(P - 1)  # the first P - 1 slots: for the prompts, all but their last token
     # The prompts' common start (BOS; with a one-shot prompt, the example and the instruction) is
     # prefilled once, in a cache of its own, and copied into each row that takes a prompt.

@@ -11,6 +11,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -138,7 +139,7 @@ ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_li
 def on_onednn(*tensors, dtypes=(torch.float32,)):
     """Whether a product of these tensors goes to oneDNN: CPU fp32 (`decode_weights` packs bf16
     too), outside autocast and outside torch.compile (inductor cannot lower this op with an
-    unpacked weight; it picks its own GEMM)."""
+    unpacked weight; it picks its own GEMM; packed weights go through `packed_linear`)."""
     return ONEDNN and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and all(
         t.device.type == "cpu" and t.dtype in dtypes for t in tensors)
 
@@ -156,7 +157,7 @@ def linear(x, weight, bias=None, packed=None):
     """F.linear, with CPU fp32 products (forward and both gradients) through `mm_t`. packed:
     oneDNN's blocked copy of `weight` (see `decode_weights`), read when no gradient is needed."""
     if packed is not None and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return packed_linear(x, packed, bias)
     if not on_onednn(x, weight):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
@@ -168,6 +169,20 @@ def onednn_linear(x, weight, bias):  # (..., k), (n, k), (n,) or None -> (..., n
     y = mm_t(x.reshape(-1, x.shape[-1]), weight)  # (m, n)
     y = y if bias is None else y.add_(bias)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("nanogsm::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x @ weight.T (+ bias) from oneDNN's blocked copy of the weight (`decode_weights`):
+    (..., k), packed (n, k) -> (..., n). An op of its own so that torch.compile calls it as it is,
+    between the fused kernels of a compiled block: inductor's own lowering of the oneDNN op
+    rejects a packed weight that is an input rather than a constant of the graph."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _(x, packed, bias):  # the output's shape, for tracing
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
 class Linear(nn.Linear):
@@ -216,7 +231,7 @@ def decode_weights(model, rows, greedy=False):
       4 products a layer instead of 7. At batch 1 on a GPU the small q/k/v products are launch-
       and latency-bound (~5 µs each for 1-8 MiB of gemma-2b weights, docs/BENCHMARKS.md).
       Projections with LoRA adapters keep their own products.
-    - Packed, on this CPU (fp32 or bf16 weights, not compiled, not under autocast): every weight
+    - Packed, on this CPU (fp32 or bf16 weights, not under autocast): every weight
       reordered once into oneDNN's blocked layout for products of `rows` rows, instead of inside
       every product; a batch-16 step of Gemma 3 270M here is ~25% faster in fp32, evaluate.py's
       job 17% in bf16. (A prefill's thousands of rows lose nothing, measured.)
@@ -228,7 +243,7 @@ def decode_weights(model, rows, greedy=False):
     weights, not the concatenations)."""
     device = model.embed_tokens.weight.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    pack = not model.compiled and on_onednn(model.embed_tokens.weight, dtypes=(torch.float32, torch.bfloat16))
+    pack = on_onednn(model.embed_tokens.weight, dtypes=(torch.float32, torch.bfloat16))
     layout = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else None  # noqa: E731
     groups = [(b.self_attn, "qkv", [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in model.layers]
     groups += [(b.mlp, "gate_up", [b.mlp.gate_proj, b.mlp.up_proj]) for b in model.layers]
@@ -390,11 +405,12 @@ class KVCache:
 
     `valid` marks which slots hold real tokens (padding, a row's slots before its prompt and slots
     not yet written are False), so positions and masks follow from it; `pos`, a 0-d tensor on the
-    cache's device, is the next free slot. A static cache has attention read all max_len slots under the mask, so every decode
-    step has the same shapes and reads no value back to the host: on CUDA, `generate` records one
-    step as a CUDA graph and replays it, and compiled blocks compile once. Otherwise (eager on the
-    CPU, where reading `pos` costs nothing) attention reads only the slots written so far: with
-    GSM8K prompts and answers, a third less attention work in a decode step (docs/BENCHMARKS.md).
+    cache's device, is the next free slot. A static cache has attention read all max_len slots
+    under the mask, so every decode step has the same shapes and reads no value back to the host:
+    on CUDA, `generate` records one step as a CUDA graph and replays it, and compiled blocks
+    compile once. Otherwise (on the CPU, where reading `pos` costs nothing) attention reads only
+    the slots written so far: with GSM8K prompts and answers, a third less attention work in a
+    decode step (docs/BENCHMARKS.md); compiled blocks then compile once more, for any number of slots.
     It lives here because `Gemma.forward` reads it; `generate.py` drives it.
     """
 
@@ -459,7 +475,8 @@ class Gemma(nn.Module):
         Positions count the real tokens before each one, so left-padded rows start at 0.
         """
         cfg, (B, T) = self.config, input_ids.shape
-        slots, masks, rope = self.attention_inputs(B, T, input_ids.device, pad_mask, cache)
+        S = None if cache is None else cache.read_len(T)  # read here: compiled code would break its graph at `pos`
+        slots, masks, rope = self.attention_inputs(B, T, input_ids.device, pad_mask, cache, S)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         # sqrt(d) is rounded to the activation dtype before multiplying, as in the reference.
         x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
@@ -475,10 +492,11 @@ class Gemma(nn.Module):
         x = self.norm(x[:, -1:] if last_only else x)
         return self.logits(x) if head else x
 
-    def attention_inputs(self, B, T, device, pad_mask, cache):
+    def attention_inputs(self, B, T, device, pad_mask, cache, S):
         """What every layer of a forward over T new tokens reads: their cache slots (T,), and per
         layer type the attention mask (B, 1, T, S), or None for plain causal attention, and the
-        rope tables (cos, sin). ~40 small kernels in a decode step; compiled blocks compile it too."""
+        rope tables (cos, sin); S: the cache slots attention reads (`KVCache.read_len`), or None
+        without a cache. ~40 small kernels in a decode step; compiled blocks compile it too."""
         cfg = self.config
         new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
         if cache is None:
@@ -486,7 +504,7 @@ class Gemma(nn.Module):
         else:  # the new tokens take slots pos..pos+T-1; the keys are the slots attention reads, masked
             slots = cache.pos + torch.arange(T, device=device)  # (T,)
             cache.valid.index_copy_(1, slots, new_valid)
-            key_valid = cache.valid[:, :cache.read_len(T)]  # (B, S): all max_len slots if the cache is static
+            key_valid = cache.valid[:, :S]  # (B, S): all max_len slots if the cache is static
         positions = (key_valid.cumsum(-1) - 1).clamp(min=0).index_select(1, slots)  # (B, T)
         q_slot, k_slot = slots[:, None], torch.arange(key_valid.shape[1], device=device)[None, :]  # (T, 1), (1, S)
         causal = (k_slot <= q_slot) & key_valid[:, None, None, :]  # (B, 1, T, S)

@@ -60,7 +60,8 @@ def test_continuous_batching_equals_each_alone(family, prompts, hf_checkpoint, m
 
 def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
     """--compile's blocks (CPU inductor here) in prefill and decode, the cache write and the fused
-    decode projections inside them: no graph break, and a second call compiles nothing new."""
+    decode projections inside them (here oneDNN's packed copies): no graph break, and a second call
+    compiles nothing new."""
     torch.compiler.reset()  # recompile budgets are per process: other tests compile these blocks too
     counters.clear()
     folder = hf_checkpoint("gemma2")[1]
@@ -69,8 +70,12 @@ def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
     model.compile_blocks()
     assert generate(model, PROMPTS, 2 * WINDOW) == eager
     graphs = counters["stats"]["unique_graphs"]
-    assert generate(model, PROMPTS, 2 * WINDOW) == eager
+    with torch.profiler.profile() as prof:
+        assert generate(model, PROMPTS, 2 * WINDOW) == eager
     assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+    if ONEDNN:  # each decode step's 4 products a layer read the packed weights (and the head screen 1)
+        calls = sum(e.count for e in prof.key_averages() if e.key == "nanogsm::packed_linear")
+        assert calls >= (2 * WINDOW - 1) * 4 * model.config.num_layers
     assert all(b._compiled_call_impl is not None for b in model.layers)
 
 
