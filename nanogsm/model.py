@@ -132,7 +132,7 @@ def _rope_params(cfg, model_type):
 # runs AVX-512 at 0.46, and 2.4-2.7x MKL's speed on the LM head of a decode step (docs/BENCHMARKS.md).
 # `mm_t` and `linear` send CPU fp32 matmuls there; everything else (CUDA, bf16, autocast, compiled
 # code, a build without oneDNN) takes PyTorch's usual path, except decode steps' packed weights
-# (`decode_weights`, fp32 and bf16).
+# (`decode_weights`, fp32 and bf16, in compiled blocks too: `packed_linear`).
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
