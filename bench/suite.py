@@ -21,7 +21,8 @@ Workloads (every measurement runs in a fresh process, so a peak memory is that m
            would. Tokens/s counts the padded batch on both sides.
   prefill  one forward over --prompt-len random tokens at each --batches size (last-position logits
            on both sides), tokens/s. With decode it is measured in the decode process.
-  decode   greedy continuation by --new-tokens tokens (no early stop) after that prefill:
+  decode   greedy continuation by --new-tokens tokens (no early stop) after that prefill; with
+           --decode-temperature T, sampled at T from the full softmax (seeded) on both sides:
            decode tokens/s = batch x new tokens / (generate time - prefill time). At batch 1 also
            the fraction of the memory-bandwidth bound: per step the weights and the mean KV cache
            are read once; bound = those bytes / measured copy bandwidth (2 x bytes / copy time);
@@ -68,6 +69,8 @@ parser.add_argument("--prompt-len", type=int, default=128, help="prefill/decode 
 parser.add_argument("--new-tokens", type=int, default=256, help="decode tokens per row")
 parser.add_argument("--decode-pad", type=int, default=0,
                     help="decode: the first row's prompt this many tokens shorter (left padding, as real batches)")
+parser.add_argument("--decode-temperature", type=float, default=0.0,
+                    help="decode: sample at this temperature (full softmax, seeded) instead of greedy")
 parser.add_argument("--train-batch", type=int, default=8, help="sequences per training step")
 parser.add_argument("--train-seq", type=int, default=192, help="tokens per training sequence")
 parser.add_argument("--train-variants", nargs="+", default=["full", "full+ckpt", "lora", "lora+ckpt"],
@@ -172,28 +175,30 @@ def measure(job):
                 model.compile_blocks()
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, last_only=True), device, job["steps"])
-            run = lambda n=N: generate(model, rows, n)  # noqa: E731
+            run = lambda n=N: generate(model, rows, n, temperature=job["temperature"], seed=0)  # noqa: E731
         else:
             import transformers
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, logits_to_keep=1), device, job["steps"])
-            kwargs = {}
+            kwargs = {"do_sample": False}
+            if job["temperature"] > 0:  # the full softmax, as nanogsm samples it (no top-k / top-p)
+                kwargs = {"do_sample": True, "temperature": job["temperature"], "top_k": 0, "top_p": 1.0}
             if job.get("compile"):  # on CUDA, generate compiles its own decode step for a static cache
                 if device == "cpu":   # ("reduce-overhead" mode, CUDA graphs); on CPU it is compiled here
                     model.forward = torch.compile(model.forward)
-                kwargs = {"cache_implementation": "static"}
+                kwargs["cache_implementation"] = "static"
             x_gen = (prompts * mask).to(device)  # padding id 0
             run = lambda n=N: model.generate(input_ids=x_gen, attention_mask=mask.to(device), max_new_tokens=n,  # noqa: E731
-                                             min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-                                             **kwargs)
+                                             min_new_tokens=n, eos_token_id=None, pad_token_id=0, **kwargs)
         if work == "prefill":
             return {"tok_s": B * P / t_prefill, "peak_gb": peak_memory_gb(device)}
         t_gen = best_time(run, device, 1)  # one warm-up run, one timed
         result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_memory_gb(device),
                   "prefill_tok_s": B * P / t_prefill}
         if side == "nanogsm" and device == "cuda":
-            t_eager = best_time(lambda: generate(model, rows, N, cuda_graph=False), device, 1)
+            t_eager = best_time(lambda: generate(model, rows, N, temperature=job["temperature"], seed=0,
+                                                 cuda_graph=False), device, 1)
             result["eager_tok_s"] = B * N / (t_eager - t_prefill)
         if B == 1:
             n_params = sum(p.numel() for p in model.parameters())
@@ -400,7 +405,7 @@ def main(args):
     works = [w for w in ("decode", "prefill") if w in args.only]
     for batch in args.batches if works else ():
         job = {**base, "work": works[0], "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-               "pad": args.decode_pad}
+               "pad": args.decode_pad, "temperature": args.decode_temperature}
         ours = run_child({**job, "side": "nanogsm", "compile": args.compile_decode})
         hf = run_child({**job, "side": "hf"})
         compiled = ", compiled blocks" if args.compile_decode else ""
@@ -411,7 +416,8 @@ def main(args):
             print_row(rows[-1])
         if "decode" in args.only:
             padded = f", first row {args.decode_pad} padding" if args.decode_pad else ""
-            rows.append({"workload": "decode", "variant": "greedy" + compiled + padded, "batch": str(batch), "nanogsm": ours,
+            mode = f"sampled at T={args.decode_temperature:g}" if args.decode_temperature > 0 else "greedy"
+            rows.append({"workload": "decode", "variant": mode + compiled + padded, "batch": str(batch), "nanogsm": ours,
                          "hf": hf})
             print_row(rows[-1])
             if batch in args.hf_compile:

@@ -16,6 +16,7 @@ fp32 weights come from the head in bf16, checked against an error bound (`screen
 import os
 
 import torch
+import torch.nn.functional as F
 
 from nanogsm.model import KVCache, decode_weights, packed_linear
 
@@ -25,7 +26,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     the top_k tokens and to the smallest set whose probability reaches top_p."""
     if temperature == 0.0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    if temperature != 1.0:  # (PPO's rollouts sample at 1: no copy of the (B, V) logits)
+        logits = logits / temperature
     if top_k is not None:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -35,13 +37,23 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     # Inverse-CDF sampling: one uniform number per row, found in the running sum of the row's
-    # probabilities (in float64: every token keeps its width, however small). Masked tokens have
-    # zero width and are never drawn. torch.multinomial draws one random number per vocabulary
-    # entry instead: a draw for 16 x 262k logits took 78 ms that way on the 2-core dev CPU, 31 here.
-    cdf = logits.softmax(-1).double().cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)  # (B, 1)
-    u = u * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1)
+    # probabilities, in two steps: the chunk of 512 tokens it falls in (the running sum of the
+    # chunks' totals), then the token within that chunk (its probabilities' running sum in float64:
+    # every token keeps its width, however small). Masked tokens have zero width and are never
+    # drawn. One float64 running sum over all 16 x 262k probabilities took 25 ms on the 2-core CPU,
+    # mostly writing its float64 copy (docs/BENCHMARKS.md); torch.multinomial, which draws one
+    # random number per vocabulary entry, 31-78 ms.
+    probs = logits.softmax(-1)  # (B, V)
+    (B, V), c = probs.shape, 512
+    chunks = (F.pad(probs, (0, -V % c)) if V % c else probs).view(B, -1, c)  # (B, n, c): the last one zero-padded
+    totals = chunks.sum(-1).double()  # (B, n)
+    ends = totals.cumsum(-1)  # (B, n): the running sum at each chunk's end
+    u = torch.rand(B, 1, generator=generator, device=probs.device, dtype=ends.dtype) * ends[:, -1:]  # (B, 1)
+    j = torch.searchsorted(ends, u, right=True).clamp(max=ends.shape[1] - 1)  # (B, 1): u's chunk (clamp: rounding)
+    share = (u - ends.gather(-1, j)) / totals.gather(-1, j) + 1  # (B, 1): how far into its chunk u lies, in [0, 1)
+    within = chunks.gather(1, j[:, :, None].expand(B, 1, c)).squeeze(1).double().cumsum(-1)  # (B, c)
+    i = torch.searchsorted(within, share * within[:, -1:], right=True)  # (B, 1): the token in the chunk
+    return (j * c + i).squeeze(-1).clamp(max=V - 1)  # (B,) (clamp: rounding at the very end)
 
 
 def screened_argmax(model, h, k=16):

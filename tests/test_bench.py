@@ -66,18 +66,19 @@ def test_profile_decode_splits_a_decode_step_by_kind(tiny_with_tokenizer, tmp_pa
 
 def test_suite_runs_the_real_gsm8k_workloads(tiny_with_tokenizer, tmp_path, data_dir):
     """--train-data gsm8k trains on a train_sft.py micro-batch (prompt tokens unlabelled); --decode-pad
-    pads one decode row; the eval workload generates for seeded test prompts with evaluate.py's stop
-    rules on both sides."""
+    pads one decode row and --decode-temperature samples on both sides; the eval workload generates
+    for seeded test prompts with evaluate.py's stop rules on both sides."""
     out = tmp_path / "bench.json"
     env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
     result = subprocess.run([sys.executable, "-m", "bench.suite", "--model", str(tiny_with_tokenizer), "--only", "train",
                              "decode", "eval", "--train-data", "gsm8k", "--train-variants", "full", "--train-batch", "2",
                              "--batches", "2", "--prompt-len", "8", "--new-tokens", "4", "--decode-pad", "3",
+                             "--decode-temperature", "1",
                              "--eval-n", "3", "--eval-new-tokens", "5", "--steps", "1", "--threads", "1", "--out", str(out)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     train, decode, ev = json.loads(out.read_text())["rows"]
-    assert decode["variant"] == "greedy, first row 3 padding" and decode["hf"]["tok_s"] > 0 < decode["nanogsm"]["tok_s"]
+    assert decode["variant"] == "sampled at T=1, first row 3 padding" and decode["hf"]["tok_s"] > 0 < decode["nanogsm"]["tok_s"]
     batch, seq = train["nanogsm"]["shape"]
     assert batch == 2 and 50 < seq <= 512 and train["batch"].startswith(f"2x{seq} GSM8K")
     assert 0.3 < train["nanogsm"]["labelled"] < 0.95  # the prompt carries no loss

@@ -184,6 +184,23 @@ def test_sampling_follows_the_softmax_down_to_its_tail():
     assert 3 <= hits <= 30  # 12,800 draws, 12.8 expected
 
 
+def test_sampling_draws_what_one_running_sum_draws():
+    """`sample` finds its uniform number chunk by chunk; one float64 running sum over the whole row,
+    fed the same uniform numbers, draws the same tokens (vocabularies with and without a partial
+    last chunk, top-k masks included)."""
+    for V, top_k in ((2048, None), (1000, None), (1000, 50)):
+        logits = torch.randn(64, V, generator=torch.Generator().manual_seed(V)) * 3
+        g, g_ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        for _ in range(20):
+            ref_logits = logits
+            if top_k is not None:
+                ref_logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
+            cdf = ref_logits.softmax(-1).double().cumsum(-1)  # (64, V)
+            u = torch.rand(64, 1, generator=g_ref, dtype=torch.float64) * cdf[:, -1:]
+            expected = torch.searchsorted(cdf, u, right=True).squeeze(-1)
+            assert torch.equal(sample(logits, 1.0, top_k=top_k, generator=g), expected)
+
+
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
