@@ -40,8 +40,8 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     # probabilities, in two steps: the chunk of 512 tokens it falls in (the running sum of the
     # chunks' totals), then the token within that chunk (its probabilities' running sum in float64:
     # every token keeps its width, however small). Masked tokens have zero width and are never
-    # drawn. One float64 running sum over all 16 x 262k probabilities took 25 ms on the 2-core CPU,
-    # mostly writing its float64 copy (docs/BENCHMARKS.md); torch.multinomial, which draws one
+    # drawn. One float64 running sum over all 16 x 262k probabilities took 23-26 ms on the 2-core CPU,
+    # half of it writing its float64 copy (docs/BENCHMARKS.md); torch.multinomial, which draws one
     # random number per vocabulary entry, 31-78 ms.
     probs = logits.softmax(-1)  # (B, V)
     (B, V), c = probs.shape, 512
