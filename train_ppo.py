@@ -10,7 +10,9 @@ Algorithm, per step (PPO with a learned critic as used for RLHF: Schulman et al.
 al. 2019; Ouyang et al. 2022):
  1. Rollouts: `--rollouts` responses from the current policy with the KV-cache engine (temperature
     1.0) to zero-shot prompts `Question: <q>\\nAnswer:` from the train split (`--group-size` samples
-    per prompt; 1 for PPO by default).
+    per prompt; 1 for PPO by default), in one `generate` call: `--gen-batch` rows decode at once
+    and a finished row takes the next prompt. Rollout j of step s samples from its own stream of
+    random numbers, seeded by (--seed, s, j): its tokens do not depend on the batching or the ranks.
  2. Score: +1 when the number after '####' equals the gold answer, else `--wrong-reward` (0), plus
     `--format-bonus` when the response has a parsable '####' answer.
  3. Old log-probs and values (policy + value head) and reference log-probs (the frozen init
@@ -22,12 +24,13 @@ al. 2019; Ouyang et al. 2022):
  6. `--ppo-epochs` passes; each shuffles the rollouts into optimizer steps of minibatch x
     grad_accum sequences (forwards of `--minibatch` sequences): clipped policy loss + vf_coef x
     clipped value loss - ent_coef x entropy, token-level normalised, grad-norm clipped, AdamW.
-Batch arithmetic (the study's numbers): 512 rollouts per step are generated and scored in chunks
-of `--ppo-batch` 32 sequences; an optimizer step takes minibatch 2 x grad_accum 8 = 16 sequences,
-so one PPO epoch is 32 optimizer steps and a PPO step (2 epochs) is 64. Under torchrun with N
-ranks the same numbers are global: rank r generates and scores chunks r, r + N, ...; every rank
-then holds the whole batch (advantages see all of it) and takes 1/N of each step's micro-batches;
-gradients are summed over ranks. One process and N processes compute the same update.
+Batch arithmetic (the study's numbers): 512 rollouts per step are generated (64 decoding at once)
+and scored in chunks of `--ppo-batch` 32 sequences; an optimizer step takes minibatch 2 x
+grad_accum 8 = 16 sequences, so one PPO epoch is 32 optimizer steps and a PPO step (2 epochs) is
+64. Under torchrun with N ranks the same numbers are global: rank r generates and scores chunks
+r, r + N, ...; every rank then holds the whole batch (advantages see all of it) and takes 1/N of
+each step's micro-batches; gradients are summed over ranks. One process and N processes compute
+the same update.
 
 Deviations from the textbook: the value head is a linear layer on the policy's final hidden state
 (shared trunk, not a separate critic: ~0 extra memory, but policy and value gradients mix in the
@@ -63,7 +66,10 @@ parser.add_argument("--data-dir", help="folder of GSM8K jsonl files (default NAN
 parser.add_argument("--steps", type=int, default=100, help="PPO steps (rollout + update rounds)")
 parser.add_argument("--rollouts", type=int, default=512, help="responses generated per step")
 parser.add_argument("--group-size", type=int, default=None, help="samples per prompt (default: 1 PPO, 8 GRPO)")
-parser.add_argument("--ppo-batch", type=int, default=32, help="sequences per generation / scoring batch")
+parser.add_argument("--ppo-batch", type=int, default=32, help="sequences per scoring batch (and per rank's share)")
+parser.add_argument("--gen-batch", type=int, default=64,
+                    help="rollouts decoding at once, a finished one making room for the next (continuous "
+                         "batching); on a GPU larger is faster")
 parser.add_argument("--minibatch", type=int, default=2, help="sequences per training forward")
 parser.add_argument("--grad-accum", type=int, default=8, help="forwards per optimizer step")
 parser.add_argument("--ppo-epochs", type=int, default=2, help="passes over each step's rollouts")
@@ -102,6 +108,8 @@ def main(args):
                           ("--group-size", k), (f"--ppo-batch x {world} ranks", args.ppo_batch * world)):
         if args.rollouts % divisor:
             raise ValueError(f"--rollouts {args.rollouts} is not divisible by {name} ({divisor})")
+    if args.gen_batch < 1:
+        raise ValueError(f"--gen-batch must be at least 1 (got {args.gen_batch})")
     if args.grad_accum % world:
         raise ValueError(f"--grad-accum {args.grad_accum} must be a multiple of the {world} ranks")
     if args.algo == "grpo" and k < 2:
@@ -161,19 +169,17 @@ def main(args):
         picked = [r for r in picked for _ in range(k)]  # k consecutive samples per prompt
         prompts = [tok.encode(build_prompt(r["question"], "zero-shot")) for r in picked]
         model.eval()
-        chunks = range(0, len(prompts), args.ppo_batch)  # under torchrun, rank r generates chunks r, r + N, ...
-        mine = {}
-        with autocast:
-            for c, i in enumerate(chunks):
-                if c % world == rank:
-                    mine[i] = generate(model, prompts[i:i + args.ppo_batch], args.max_new_tokens,
-                                       temperature=args.temperature, stop_ids=tok.stop_ids,
-                                       seed=args.seed * 1_000_003 + step * 1000 + i)
+        chunks = range(0, len(prompts), args.ppo_batch)  # under torchrun, rank r takes chunks r, r + N, ...
+        ids = [j for c, i in enumerate(chunks) if c % world == rank for j in range(i, i + args.ppo_batch)]
+        with autocast:  # one call, --gen-batch rows at a time; rollout j samples with seed [seed, step, j]
+            outs = generate(model, [prompts[j] for j in ids], args.max_new_tokens, temperature=args.temperature,
+                            stop_ids=tok.stop_ids, seed=[[args.seed, step, j] for j in ids], batch_size=args.gen_batch)
+        mine = dict(zip(ids, outs))
         everyone = [mine]
-        if world > 1:  # every rank gets every response (token lists), in chunk order
+        if world > 1:  # every rank gets every response (token lists)
             everyone = [None] * world
             dist.all_gather_object(everyone, mine)
-        responses = [r for i in chunks for part in everyone if i in part for r in part[i]]
+        responses = [part[j] for j in range(len(prompts)) for part in everyone if j in part]
         texts = [tok.decode(r) for r in responses]
         scores = torch.tensor([(1.0 if same_number(extract_answer(t), r["gold"]) else args.wrong_reward) +
                                (args.format_bonus if extract_answer(t) is not None else 0.0)

@@ -3,7 +3,7 @@
 # then the suite on random weights in gemma-2b's shape, bf16. Tables print as they come; JSON goes
 # to $OUT (the device tool's folder) or runs/. Each part has its own time limit, so a slow part
 # cannot starve the rest.   Usage: bash bench/gpu.sh [PART ...]   (default, in order: tests train
-# decode decode-256 decode-compiled train-compile; on request: train-compare profile ppo)
+# decode decode-256 decode-compiled train-compile; on request: train-compare profile ppo rollouts)
 set -u
 out=${OUT:-runs}
 mkdir -p "$out"
@@ -26,6 +26,9 @@ want train-compare && suite 230 --only train --train-variants full lora full+com
     --train-seq 512 --out "$out/train-compare.json"
 # PPO needs GSM8K (NANOGSM_DATA_DIR) and the offline model's tokenizer, which the suite copies into its random folder
 want ppo && suite 150 --only ppo --ppo-rollouts 32 --out "$out/ppo.json"
+# PPO's rollouts in chunks of 32 against one call (bench/rollouts.py), Gemma 3 270M (offline; its answers stop)
+want rollouts && { timeout 200 "$py" -m bench.rollouts --n 512 --max-new-tokens 256 --chunk 32 --gen-batch 64 256 \
+    --repeats 1 --out "$out/rollouts.json" || echo "rollouts failed or timed out"; }
 profile() { timeout "$1" "$py" -m bench.profile_step --shape gemma-2b --seq 512 "${@:3}" --out "$out/profile-$2.json" \
     || echo "profile failed or timed out: $2"; }
 if want profile; then  # training's time by kind of kernel, the syncs inside one step; a batch-1 decode step

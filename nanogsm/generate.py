@@ -12,18 +12,21 @@ dead slots are an eighth of it. On CUDA each decode step is replayed from a reco
 the CPU oneDNN's blocked copies of the fp32 or bf16 weights (`decode_weights`); on the CPU they
 attend only to the cache slots written so far (a non-static `KVCache`), and greedy tokens from
 fp32 weights come from the head in bf16, checked against an error bound (`screened_argmax`).
+Sampled tokens take each prompt's own stream of uniform numbers (`draws`), whatever the batch.
 """
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from nanogsm.model import KVCache, decode_weights, packed_linear
 
 
-def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
+def sample(logits, temperature=0.0, top_k=None, top_p=1.0, u=None):
     """Next token from logits (B, V): greedy at temperature 0, else softmax(logits / T) restricted to
-    the top_k tokens and to the smallest set whose probability reaches top_p."""
+    the top_k tokens and to the smallest set whose probability reaches top_p. u (B,): each row's
+    uniform number in [0, 1), float64 (`draws`); None: from torch's generator."""
     if temperature == 0.0:
         return logits.argmax(-1)
     if temperature != 1.0:  # (PPO's rollouts sample at 1: no copy of the (B, V) logits)
@@ -48,12 +51,43 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, generator=None):
     chunks = (F.pad(probs, (0, -V % c)) if V % c else probs).view(B, -1, c)  # (B, n, c): the last one zero-padded
     totals = chunks.sum(-1).double()  # (B, n)
     ends = totals.cumsum(-1)  # (B, n): the running sum at each chunk's end
-    u = torch.rand(B, 1, generator=generator, device=probs.device, dtype=ends.dtype) * ends[:, -1:]  # (B, 1)
+    u = torch.rand(B, dtype=torch.float64) if u is None else u  # (B,)
+    u = u.to(probs.device)[:, None] * ends[:, -1:]  # (B, 1)
     j = torch.searchsorted(ends, u, right=True).clamp(max=ends.shape[1] - 1)  # (B, 1): u's chunk (clamp: rounding)
     share = (u - ends.gather(-1, j)) / totals.gather(-1, j) + 1  # (B, 1): how far into its chunk u lies, in [0, 1)
     within = chunks.gather(1, j[:, :, None].expand(B, 1, c)).squeeze(1).double().cumsum(-1)  # (B, c)
     i = torch.searchsorted(within, share * within[:, -1:], right=True)  # (B, 1): the token in the chunk
     return (j * c + i).squeeze(-1).clamp(max=V - 1)  # (B,) (clamp: rounding at the very end)
+
+
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # splitmix64's increment: 2^64 / the golden ratio
+
+
+def mix64(x):
+    """splitmix64's finalizer (Steele, Lea & Flood 2014): a uint64 numpy array -> well-mixed uint64
+    (numpy's uint64 arithmetic wraps mod 2^64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def draws(keys, steps):
+    """Uniform numbers in [0, 1), float64 (b,): for each row the steps-th number of the splitmix64
+    stream seeded with its key (uint64 (b,), steps (b,) ints). A number depends on its (key, step)
+    alone, not on a generator's state, so a prompt draws the same numbers however the prompts are
+    batched, refilled or split over processes (`generate`'s seed). The same tokens too where its
+    logits are bit-equal: in another batch they can differ in their last bits, which over a 262k
+    vocabulary's long tail can move a draw to a neighbouring token (docs/BENCHMARKS.md)."""
+    x = mix64(keys + (np.asarray(steps, dtype=np.uint64) + np.uint64(1)) * GOLDEN)
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * 2.0**-53)  # the top 53 bits
+
+
+def hash_seed(seed):
+    """A uint64 key from an int, or from a list of ints (e.g. [seed, prompt index])."""
+    x = np.zeros(1, dtype=np.uint64)
+    for part in seed if isinstance(seed, (list, tuple)) else [seed]:
+        x = mix64((x ^ np.uint64(part % 2**64)) + GOLDEN)  # (1,): array arithmetic wraps mod 2^64
+    return x[0]
 
 
 def screened_argmax(model, h, k=16):
@@ -163,6 +197,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     calculator: when a row writes a GSM8K annotation `<<expr=`, the result of expr (see
     `nanogsm.gsm8k.calculate`) is forced as its next tokens, as in the GSM8K paper.
     cuda_graph=False: plain eager decode steps on CUDA too (to compare; the outputs are the same).
+    seed (temperature > 0): an int, or a list of one seed per prompt (ints or lists of ints). Prompt
+    i samples with the stream of uniform numbers seeded by [seed, i] (or by its own seed), its t-th
+    token with the t-th number (`draws`): the same numbers however the prompts are batched, refilled
+    or split over processes. None: a seed from torch's generator.
     """
     if (stop_strings or calculator) and tokenizer is None:
         raise ValueError("generate: stop_strings and calculator need a tokenizer")
@@ -185,7 +223,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     shared = KVCache(model.config, 1, C, device, dtype)
     if C > 0:
         model(torch.tensor([prompts[0][:C]], device=device), cache=shared, last_only=True, head=False)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    if temperature > 0:  # each prompt's stream of uniform numbers (`draws`)
+        seed = torch.randint(2**63 - 1, ()).item() if seed is None else seed  # None: torch.manual_seed's
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [[seed, i] for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: seed is a list of {len(seeds)} seeds for {len(prompts)} prompts")
+        keys = np.array([hash_seed(s) for s in seeds], dtype=np.uint64)  # (n,)
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
     out_tokens, out_logprobs = [[] for _ in prompts], [[] for _ in prompts]
@@ -224,11 +267,13 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
                 pos, starts = pos - first, [s - first for s in starts]
             # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
             alive = torch.tensor([not done for done in finished], device=device)
+            # Each row's uniform number: sent before the step is queued, while the device is idle.
+            u = draws(keys[rows], [len(out_tokens[r]) for r in rows]).to(device) if temperature > 0 else None  # (b,)
             if model.screen is not None:  # greedy, fp32 on this CPU: the head in bf16 first
                 tokens = screened_argmax(model, step_fn(tokens, alive))  # (b, d) -> (b,)
             else:
                 logits = step_fn(tokens, alive)  # (b, V)
-                tokens = sample(logits, temperature, top_k, top_p, generator)  # (b,)
+                tokens = sample(logits, temperature, top_k, top_p, u)  # (b,)
             pos += 1
             for j, r in enumerate(rows):  # forced calculator tokens replace the sample
                 if forced[r] and not finished[j]:

@@ -64,6 +64,32 @@ def test_profile_decode_splits_a_decode_step_by_kind(tiny_with_tokenizer, tmp_pa
     assert "| matmul |" in result.stdout
 
 
+def test_rollouts_bench_counts_the_steps_of_both_ways(tiny_with_tokenizer, tmp_path, data_dir):
+    """Both ways run end to end; the one call fills its rows, in fewer decode steps (no timing)."""
+    out = tmp_path / "rollouts.json"
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
+    result = subprocess.run([sys.executable, "-m", "bench.rollouts", "--model", str(tiny_with_tokenizer), "--n", "6",
+                             "--max-new-tokens", "5", "--chunk", "3", "--gen-batch", "2", "6", "--repeats", "1",
+                             "--threads", "1", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {name: r[0] for name, r in json.loads(out.read_text())["results"].items()}
+    chunked, one = runs["chunks of 3, a call each"], runs["one call, 6 rows"]
+    assert chunked["tokens"] == one["tokens"] == runs["one call, 2 rows"]["tokens"] > 0
+    assert one["steps"] < chunked["steps"] and one["rows_per_step"] == 6
+    assert "| one call, 6 rows | 1 |" in result.stdout
+
+
+def test_decode_steps_by_hand():
+    """Responses of 3, 1, 1, 1, 2 tokens: chunks of 2 take 3 + 1 + 2 steps; two rows: one row
+    decodes the 3, the other the three 1s (free after step 3), then whichever is free first the 2."""
+    from bench.rollouts import decode_steps
+    lengths = [3, 1, 1, 1, 2]
+    assert decode_steps(lengths, chunk=2) == 6
+    assert decode_steps(lengths, rows=2) == 5
+    assert decode_steps(lengths, rows=5) == 3 and decode_steps(lengths, rows=1) == 8
+
+
 def test_suite_runs_the_real_gsm8k_workloads(tiny_with_tokenizer, tmp_path, data_dir):
     """--train-data gsm8k trains on a train_sft.py micro-batch (prompt tokens unlabelled); --decode-pad
     pads one decode row and --decode-temperature samples on both sides; the eval workload generates

@@ -1,10 +1,11 @@
 """The KV-cache engine against HF transformers' greedy generate and against full recomputes."""
+import numpy as np
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 from conftest import FAMILIES, WINDOW, tiny_hf_config
-from nanogsm.generate import chunked_topk, generate, sample, screened_argmax
+from nanogsm.generate import chunked_topk, draws, generate, hash_seed, sample, screened_argmax
 from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, decode_weights
 
 PROMPTS = [[2, 17, 33, 9, 100, 41, 7], [2, 5, 6], [2, 200, 1 + 7, 90, 13]]
@@ -171,16 +172,59 @@ def test_seeded_sampling_is_reproducible(hf_checkpoint):
     assert a != generate(model, PROMPTS, max_new_tokens=10, temperature=1.0, seed=4)
 
 
+def splitmix64(state, n):
+    """The first n outputs of splitmix64 (Steele, Lea & Flood 2014) in plain Python integers."""
+    out, m = [], 2**64 - 1
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & m
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def test_draws_are_splitmix64_streams():
+    """Row i's t-th draw is the t-th output of the splitmix64 stream seeded with its key, its top
+    53 bits over 2^53; the numbers are uniform (deciles of 200,000 draws)."""
+    keys = [int(hash_seed(s)) for s in (0, 1, [0, 5], [7, 5], -3)]
+    assert len(set(keys)) == 5
+    for key in keys:
+        ref = [(z >> 11) / 2**53 for z in splitmix64(key, 40)]
+        got = [draws(np.array([key] * 40, dtype=np.uint64), range(40))[t].item() for t in range(40)]
+        assert got == ref
+    u = draws(np.repeat(np.array(keys, dtype=np.uint64), 40_000), np.tile(np.arange(40_000), 5))
+    assert u.dtype == torch.float64 and 0 <= u.min() and u.max() < 1
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert ((counts - 20_000).abs() < 600).all()  # ~4.2 standard deviations
+
+
+def test_seeded_sampling_is_the_same_however_prompts_are_batched(hf_checkpoint):
+    """Each prompt draws from its own stream, so its tokens do not depend on which rows share its
+    steps: all at once, two rows refilled as they finish, and each alone with its seed [seed, i].
+    (Here, over 256 tokens. Over Gemma's 262k, the logits' last-bit differences between batches
+    can move a draw in the long tail: docs/BENCHMARKS.md.)"""
+    model = Gemma.from_pretrained(hf_checkpoint("gemma3_text")[1])
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=5)
+    stop = generate(model, QUEUE, **kw)[0][2:4]  # some rows stop early
+    together = generate(model, QUEUE, stop_ids=stop, **kw)
+    assert len({len(t) for t in together}) >= 2
+    assert generate(model, QUEUE, stop_ids=stop, batch_size=2, **kw) == together
+    assert [generate(model, [p], stop_ids=stop, max_new_tokens=12, temperature=1.0, seed=[[5, i]])[0]
+            for i, p in enumerate(QUEUE)] == together
+
+
 def test_sampling_follows_the_softmax_down_to_its_tail():
     """Draw frequencies against the probabilities: 20,000 draws of 4 tokens, and a 65,536-token
     row whose first token holds 99.9% and whose other tokens share 0.1% (1.5e-8 each)."""
     g = torch.Generator().manual_seed(0)
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    draws = sample(probs.log().expand(20_000, 4), 1.0, generator=g)
+    draws = sample(probs.log().expand(20_000, 4), 1.0, u=torch.rand(20_000, generator=g, dtype=torch.float64))
     torch.testing.assert_close(torch.bincount(draws, minlength=4) / 20_000, probs, atol=0.015, rtol=0)
     tail = torch.full((64, 65_536), 0.001 / 65_535)
     tail[:, 0] = 0.999
-    hits = sum((sample(tail.log(), 1.0, generator=g) > 0).sum().item() for _ in range(200))
+    hits = sum((sample(tail.log(), 1.0, u=torch.rand(64, generator=g, dtype=torch.float64)) > 0).sum().item()
+               for _ in range(200))
     assert 3 <= hits <= 30  # 12,800 draws, 12.8 expected
 
 
@@ -196,15 +240,17 @@ def test_sampling_draws_what_one_running_sum_draws():
             if top_k is not None:
                 ref_logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
             cdf = ref_logits.softmax(-1).double().cumsum(-1)  # (64, V)
-            u = torch.rand(64, 1, generator=g_ref, dtype=torch.float64) * cdf[:, -1:]
+            u = torch.rand(64, generator=g_ref, dtype=torch.float64)[:, None] * cdf[:, -1:]
             expected = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-            assert torch.equal(sample(logits, 1.0, top_k=top_k, generator=g), expected)
+            assert torch.equal(sample(logits, 1.0, top_k=top_k, u=torch.rand(64, generator=g, dtype=torch.float64)),
+                               expected)
 
 
 def test_top_k_and_top_p_filters():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {sample(logits, 1.0, generator=g, **kw).item() for _ in range(300)}  # noqa: E731
+    draws = lambda **kw: {sample(logits, 1.0, u=torch.rand(1, generator=g, dtype=torch.float64), **kw).item()  # noqa: E731
+                          for _ in range(300)}
     assert draws(top_k=2) == {0, 1}
     assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 reaches it
     assert draws(top_p=0.5) == {0}

@@ -220,6 +220,7 @@ def test_train_ppo_runs_saves_and_resumes(extra, tiny_with_tokenizer, tmp_path, 
      "--rollouts 8 is not divisible by --minibatch x --grad-accum (3)"),
     (["--algo", "grpo", "--group-size", 1, "--rollouts", 4, "--ppo-batch", 2, "--minibatch", 2, "--grad-accum", 1],
      "--algo grpo needs --group-size >= 2"),
+    (["--gen-batch", 0], "--gen-batch must be at least 1 (got 0)"),
 ])
 def test_train_ppo_bad_batch_arithmetic(args, message, tiny_with_tokenizer, tmp_path, data_dir):
     result = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / "x", *args, data_dir=data_dir)
