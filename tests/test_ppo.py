@@ -171,6 +171,40 @@ def run_rl(hf_checkpoint, algo, steps=40, k=4, rollouts=32):
     return means
 
 
+def test_the_micro_batch_split_does_not_change_the_update(hf_checkpoint):
+    """One optimizer step over 8 rollouts of 1-7 response tokens, as 4 x 2, 1 x 8 and 8 x 1
+    micro-batches: the same gradient (plain SGD, lr 1, no clipping: the weights' change is the
+    gradient) and gradient norm, since every micro-batch's loss is divided by the whole step's tokens."""
+    import copy
+
+    from nanogsm.model import Gemma
+    from nanogsm.ppo import ValueHead, pack, ppo_update
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 256, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (8,), generator=g)]
+    responses = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 7, 2, 5, 3, 6, 1, 4)]
+    input_ids, resp_pos, resp_tokens, mask = pack(prompts, responses, 0)
+    rand = lambda: torch.randn(mask.shape, generator=g) * mask  # noqa: E731
+    batch = dict(input_ids=input_ids, resp_pos=resp_pos, resp_tokens=resp_tokens, mask=mask, old_logprobs=rand() - 5,
+                 old_values=rand(), ref_logprobs=rand() - 5, advantages=rand(), returns=rand())
+    torch.manual_seed(0)
+    model = Gemma.from_pretrained(hf_checkpoint("gemma")[1])
+    value_head = ValueHead(model.config.hidden_size)
+    before = torch.cat([p.detach().flatten() for p in [*model.parameters(), *value_head.parameters()]])
+    results = []
+    for minibatch, grad_accum in ((2, 4), (8, 1), (1, 8)):
+        m, v = copy.deepcopy(model), copy.deepcopy(value_head)
+        optimizer = torch.optim.SGD(list(m.parameters()) + list(v.parameters()), lr=1.0)
+        stats = ppo_update(m, v, optimizer, batch, epochs=1, minibatch=minibatch, grad_accum=grad_accum, clip=0.2,
+                           vf_coef=0.1, ent_coef=0.01, max_grad_norm=1e9, kl_coef_in_loss=0.05)
+        after = torch.cat([p.detach().flatten() for p in [*m.parameters(), *v.parameters()]])
+        results.append((before - after, stats))  # the gradient
+    scale = results[0][0].abs().max().item()  # fp32 sums in another order: ~1e-7 of the largest entry
+    for grad, stats in results[1:]:
+        torch.testing.assert_close(grad, results[0][0], atol=1e-6 * scale, rtol=0)
+        assert stats["grad_norm"] == pytest.approx(results[0][1]["grad_norm"], rel=1e-5)
+    assert results[0][1]["grad_norm"] > 0
+
+
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_rl_raises_the_reward_on_a_learnable_task(algo, hf_checkpoint):
     means = run_rl(hf_checkpoint, algo)
