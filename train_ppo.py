@@ -12,7 +12,8 @@ al. 2019; Ouyang et al. 2022):
     1.0) to zero-shot prompts `Question: <q>\\nAnswer:` from the train split (`--group-size` samples
     per prompt; 1 for PPO by default), in one `generate` call: `--gen-batch` rows decode at once
     and a finished row takes the next prompt. Rollout j of step s samples from its own stream of
-    random numbers, seeded by (--seed, s, j): its tokens do not depend on the batching or the ranks.
+    random numbers, seeded by (--seed, s, j), the same however it is batched and on whichever rank
+    (its tokens too where its logits agree to the last bit; README, "Several GPUs").
  2. Score: +1 when the number after '####' equals the gold answer, else `--wrong-reward` (0), plus
     `--format-bonus` when the response has a parsable '####' answer.
  3. Old log-probs and values (policy + value head) and reference log-probs (the frozen init
@@ -29,8 +30,8 @@ and scored in chunks of `--ppo-batch` 32 sequences; an optimizer step takes mini
 grad_accum 8 = 16 sequences, so one PPO epoch is 32 optimizer steps and a PPO step (2 epochs) is
 64. Under torchrun with N ranks the same numbers are global: rank r generates and scores chunks
 r, r + N, ...; every rank then holds the whole batch (advantages see all of it) and takes 1/N of
-each step's micro-batches; gradients are summed over ranks. One process and N processes compute
-the same update.
+each step's micro-batches; gradients are summed over ranks. From the same rollouts, one process
+and N processes compute the same update.
 
 Deviations from the textbook: the value head is a linear layer on the policy's final hidden state
 (shared trunk, not a separate critic: ~0 extra memory, but policy and value gradients mix in the
