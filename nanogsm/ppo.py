@@ -118,6 +118,25 @@ def pack(prompts, responses, pad_id):
     return input_ids, resp_pos, resp_tokens, mask
 
 
+def used_lengths(resp_pos, mask):
+    """Per row, as host ints: the input positions a forward needs (up to the one whose logits
+    predict the last response token) and the number of response tokens."""
+    n_resp = mask.sum(-1).long()  # (B,)
+    need = resp_pos.gather(1, (n_resp - 1).clamp(min=0)[:, None]).squeeze(1) + 1  # (B,)
+    return need.tolist(), n_resp.tolist()
+
+
+def take(batch, rows, need, n_resp):
+    """The rows `rows` (a list of indices) of a dict of (B, L) input_ids and (B, R) tensors, each cut
+    to the columns those rows use: input_ids to their longest `need`, the others to their longest
+    response. Exact: attention is causal, so a position's hidden state never depends on later
+    ones; without the cut, two short rollouts in a batch of long ones compute the long ones'
+    padding, in the trunk and in the 262k-vocabulary head."""
+    L, R = max(need[i] for i in rows), max(1, max(n_resp[i] for i in rows))
+    idx = torch.tensor(rows, device=batch["input_ids"].device)
+    return {k: v[idx, :L] if k == "input_ids" else v[idx, :R] for k, v in batch.items()}
+
+
 def score_responses(model, value_head, input_ids, resp_pos, resp_tokens, chunk=1024):
     """One forward: log-probs (B, R), values (B, R) and entropies (B, R) of the response tokens,
     in fp32. The LM head runs on response positions only, fused with the log-softmax (`HeadScore`)."""
@@ -216,18 +235,21 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
     N = batch["mask"].shape[0]
     step_size = minibatch * grad_accum
     rank, world = rank_world()
-    device = batch["mask"].device
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
     generator = torch.Generator().manual_seed(seed)
+    need, n_resp = used_lengths(batch["resp_pos"], batch["mask"])
     stats = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "policy_clip_frac", "value_clip_frac",
                              "grad_norm")}
     for _ in range(epochs):
-        order = torch.randperm(N, generator=generator).to(device)
+        order = torch.randperm(N, generator=generator).tolist()
         for start in range(0, N, step_size):
-            rows = order[start:start + step_size]
-            n_tokens = batch["mask"][rows].sum().clamp(min=1)
-            for micro in rows.split(minibatch)[rank::world]:  # under torchrun: this rank's share
-                mb = {k: v[micro] for k, v in batch.items()}
+            # An optimizer step's rollouts, longest first: rollouts of similar length share a forward
+            # and each forward is cut to the columns it uses (`take`). The step's gradient is the same sum.
+            rows = sorted(order[start:start + step_size], key=lambda i: -need[i])
+            n_tokens = max(1, sum(n_resp[i] for i in rows))
+            forwards = [rows[i:i + minibatch] for i in range(0, len(rows), minibatch)]
+            for micro in forwards[rank::world]:  # under torchrun: this rank's share
+                mb = take(batch, micro, need, n_resp)
                 with autocast or torch.autocast("cpu", enabled=False):
                     logprobs, values, entropies = score_responses(model, value_head, mb["input_ids"], mb["resp_pos"],
                                                                   mb["resp_tokens"])
@@ -238,13 +260,13 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
                 if value_head is not None:
                     vl, vl_clip = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], clip, n_tokens)
                     loss = loss + vf_coef * vl
-                    stats["value"].append(vl.item() * n_tokens.item() / mb["mask"].sum().clamp(min=1).item())
+                    stats["value"].append(vl.item() * n_tokens / max(1, sum(n_resp[i] for i in micro)))
                     stats["value_clip_frac"].append(vl_clip.item())
                 if kl_coef_in_loss:
                     loss = loss + kl_coef_in_loss * masked_mean(kl_penalty(logprobs, mb["ref_logprobs"], "k3"),
                                                                 mb["mask"], n_tokens)
                 loss.backward()
-                scale = n_tokens.item() / mb["mask"].sum().clamp(min=1).item()  # back to this micro-batch's mean
+                scale = n_tokens / max(1, sum(n_resp[i] for i in micro))  # back to this micro-batch's mean
                 stats["policy"].append(pg.item() * scale)
                 stats["entropy"].append(ent.item() * scale)
                 stats["approx_kl"].append(approx_kl.item())

@@ -205,6 +205,49 @@ def test_the_micro_batch_split_does_not_change_the_update(hf_checkpoint):
     assert results[0][1]["grad_norm"] > 0
 
 
+def test_each_forward_takes_similar_rollouts_cut_to_the_columns_they_use(hf_checkpoint, monkeypatch):
+    """Within an optimizer step the rollouts go longest first, two to a forward, and each forward's
+    inputs stop at its longest prompt + response - 1 (the last position whose logits score a
+    response token), its response columns at its longest response."""
+    from nanogsm import ppo
+    from nanogsm.model import Gemma
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (2, 9, 3, 5, 5, 6, 6, 9)]  # no equal lengths
+    responses = [torch.randint(3, 256, (n,), generator=g).tolist() for n in (1, 7, 2, 5, 3, 6, 1, 4)]
+    input_ids, resp_pos, resp_tokens, mask = ppo.pack(prompts, responses, 0)
+    zeros = torch.zeros(mask.shape)
+    batch = dict(input_ids=input_ids, resp_pos=resp_pos, resp_tokens=resp_tokens, mask=mask, old_logprobs=zeros - 5,
+                 old_values=zeros, ref_logprobs=zeros - 5, advantages=torch.randn(mask.shape, generator=g) * mask,
+                 returns=zeros)
+    seen, score = [], ppo.score_responses
+
+    def recorded(model, value_head, input_ids, resp_pos, resp_tokens):  # (forward rows, input columns, response columns)
+        seen.append((*input_ids.shape, resp_tokens.shape[1]))
+        return score(model, value_head, input_ids, resp_pos, resp_tokens)
+    monkeypatch.setattr(ppo, "score_responses", recorded)
+    model = Gemma.from_pretrained(hf_checkpoint("gemma")[1])
+    ppo.ppo_update(model, ppo.ValueHead(model.config.hidden_size), torch.optim.SGD(model.parameters(), lr=0.0), batch,
+                   epochs=1, minibatch=2, grad_accum=4, clip=0.2, vf_coef=0.1, ent_coef=0.01, max_grad_norm=1.0)
+    rows = sorted(zip(prompts, responses), key=lambda pr: -(len(pr[0]) + len(pr[1])))
+    pairs = [rows[i:i + 2] for i in range(0, 8, 2)]
+    assert seen == [(2, max(len(p) + len(r) - 1 for p, r in pair), max(len(r) for _, r in pair)) for pair in pairs]
+    assert input_ids.shape[1] == 16 and seen[-1] == (2, 4, 2)  # the batch is 16 columns; the shortest pair needs 4
+
+
+def test_train_ppo_scores_each_rollout_in_its_own_row(tiny_with_tokenizer, tmp_path, data_dir):
+    """With --lr 0 the update recomputes the scored log-probs: the ratio is 1 everywhere (nothing
+    clipped, approximate KL 0) and the policy equals the reference (KL 0), whatever order and cut the
+    rollouts were scored in."""
+    import json
+    result = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / "run", "--steps", 1, "--save-every", 0,
+                        "--wrong-reward", -1, *SMALL[:-2], "--rollouts", 8, "--ppo-batch", 2, "--lr", 0,
+                        data_dir=data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert log["rollout/kl_ref"] == 0 and log["params/policy_clip_frac"] == 0, log
+    assert abs(log["loss/approx_kl"]) < 1e-9 and log["params/grad_norm"] > 0, log
+
+
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_rl_raises_the_reward_on_a_learnable_task(algo, hf_checkpoint):
     means = run_rl(hf_checkpoint, algo)
