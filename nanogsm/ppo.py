@@ -250,6 +250,7 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
             forwards = [rows[i:i + minibatch] for i in range(0, len(rows), minibatch)]
             for micro in forwards[rank::world]:  # under torchrun: this rank's share
                 mb = take(batch, micro, need, n_resp)
+                scale = n_tokens / max(1, sum(n_resp[i] for i in micro))  # the step's mean -> this forward's mean
                 with autocast or torch.autocast("cpu", enabled=False):
                     logprobs, values, entropies = score_responses(model, value_head, mb["input_ids"], mb["resp_pos"],
                                                                   mb["resp_tokens"])
@@ -260,13 +261,12 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
                 if value_head is not None:
                     vl, vl_clip = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], clip, n_tokens)
                     loss = loss + vf_coef * vl
-                    stats["value"].append(vl.item() * n_tokens / max(1, sum(n_resp[i] for i in micro)))
+                    stats["value"].append(vl.item() * scale)
                     stats["value_clip_frac"].append(vl_clip.item())
                 if kl_coef_in_loss:
                     loss = loss + kl_coef_in_loss * masked_mean(kl_penalty(logprobs, mb["ref_logprobs"], "k3"),
                                                                 mb["mask"], n_tokens)
                 loss.backward()
-                scale = n_tokens / max(1, sum(n_resp[i] for i in micro))  # back to this micro-batch's mean
                 stats["policy"].append(pg.item() * scale)
                 stats["entropy"].append(ent.item() * scale)
                 stats["approx_kl"].append(approx_kl.item())
