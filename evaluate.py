@@ -18,15 +18,18 @@ from pathlib import Path
 
 import torch
 
+from nanogsm import cpu
+from nanogsm.compile import compile_blocks
 from nanogsm.gsm8k import (STRATEGIES, SUBSET_SEED, SUBSET_SIZE, evaluate, heldout_subset, load_gsm8k,
                            seeded_subset, summarize)
-from nanogsm.lora import load_model
-from nanogsm.report import mcnemar_exact, read_jsonl, write_jsonl
+from nanogsm.lora import load_model, read_adapter_config
+from nanogsm.report import HelpFormatter, mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.weights import resolve
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--model", help="model name, checkpoint or LoRA adapter folder, .gguf file or Hub id")
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser.add_argument("--model", help="model name, checkpoint or LoRA adapter folder (nanogsm's or PEFT's), .gguf file or Hub id")
+parser.add_argument("--base-model", help="with an adapter --model: its base model instead of the one its config names")
 parser.add_argument("--config", default="main", help="GSM8K config: main | socratic")
 parser.add_argument("--prompt", default="one-shot-instruct", help=f"one of {', '.join(STRATEGIES)}, or all")
 parser.add_argument("--n", type=int, default=SUBSET_SIZE, help=f"seeded test subset size (seed {SUBSET_SEED})")
@@ -51,6 +54,7 @@ parser.add_argument("--calculator", action="store_true", help="compute <<expr= a
 parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bf16 on CUDA, fp32 on CPU)")
 parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block: fused kernels in "
                                                            "prefill and decode steps (slow to start)")
+parser.add_argument("--plain", action="store_true", help="the reference path only: no oneDNN layer on a CPU (nanogsm/cpu.py), no CUDA-graph decode steps")
 parser.add_argument("--out", help="JSONL file, one row per problem (with --prompt all: one file per strategy)")
 parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two --out files")
 
@@ -121,11 +125,16 @@ def main(args):
         records = seeded_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
         print(f"GSM8K {args.config}/test: {len(records)} problems" +
               ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
-    tok = Tokenizer.from_pretrained(source)
-    model = load_model(source, dtype=dtype, device=device)
+    tok_source = source
+    if not (source / "tokenizer.json").is_file() and (source / "adapter_config.json").is_file():  # a PEFT adapter
+        tok_source = resolve(args.base_model or read_adapter_config(source)["base"])  # its base's tokenizer
+    tok = Tokenizer.from_pretrained(tok_source)
+    model = load_model(source, dtype=dtype, device=device, base=args.base_model)
+    if device == "cpu" and not args.plain:
+        cpu.speed_up(model)  # oneDNN products, the same results faster (nanogsm/cpu.py)
     if args.compile:
         print("torch.compile: every transformer block (the first batches are slow while it compiles)")
-        model.compile_blocks()
+        compile_blocks(model)
     if args.answer_loss:
         loss, n_tokens = answer_loss(model, tok, records, args.batch_size, device)
         print(f"answer loss {loss:.4f} nats/token over {n_tokens} gold-answer tokens of {len(records)} problems")
@@ -136,7 +145,8 @@ def main(args):
     for strategy in strategies:
         rows = evaluate(model, tok, records, strategy, chat=chat, batch_size=args.batch_size,
                         max_new_tokens=args.max_new_tokens, samples=args.samples, temperature=args.temperature,
-                        seed=args.seed, calculator=args.calculator)
+                        seed=args.seed, calculator=args.calculator, cuda_graph=not args.plain,
+                        data_dir=args.data_dir)
         summaries.append(summarize(rows, strategy, args.samples))
         if args.out:
             out = Path(args.out)

@@ -50,18 +50,20 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from nanogsm import cpu
+from nanogsm.compile import compile_blocks
 from nanogsm.generate import generate
 from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number
 from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled
 from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, pack, ppo_update,
                          score_responses, take, token_rewards, used_lengths, whiten)
-from nanogsm.report import progress
+from nanogsm.report import HelpFormatter, progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (eval_em, load_trainer_state, log_step, peak_memory_gb, pick_device, prepare_out_dir,
                            save_checkpoint, seed_everything, setup_distributed)
 from nanogsm.weights import resolve
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--init", required=True, help="the SFT checkpoint (folder, or adapter folder) to start from")
 parser.add_argument("--out", default="ckpt/ppo", help="checkpoint folder")
 parser.add_argument("--algo", default="ppo", choices=["ppo", "grpo"], help="PPO with a critic, or GRPO")
@@ -95,6 +97,7 @@ parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha wit
 parser.add_argument("--no-grad-checkpointing", action="store_true", help="keep activations (more memory)")
 parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block of the policy "
                     "and the reference (same results; the first steps are slow while it compiles)")
+parser.add_argument("--plain", action="store_true", help="the reference path only: no oneDNN layer on a CPU (nanogsm/cpu.py), no CUDA-graph decode steps")
 parser.add_argument("--eval-every", type=int, default=0, help="every N steps: greedy EM on --eval-n test problems")
 parser.add_argument("--eval-n", type=int, default=256, help="seeded test subset for --eval-every")
 parser.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps")
@@ -138,10 +141,19 @@ def main(args):
         model = load_model(out if args.resume else source, device=device)
         ref = load_model(source, device=device).eval().requires_grad_(False)
     model.grad_checkpointing = not args.no_grad_checkpointing
-    if args.compile:  # generation, scoring and the PPO passes all run the compiled blocks
-        model.compile_blocks()
+    if device == "cpu" and not args.plain:  # oneDNN products, the same results faster (nanogsm/cpu.py)
+        cpu.speed_up(model)
         if ref is not None:
-            ref.compile_blocks()
+            cpu.speed_up(ref)
+    if args.compile:  # generation, scoring and the PPO passes all run the compiled blocks
+        # A block runs in ~10 setups here (prefill, decode, scoring, checkpointed training, the
+        # reference...), past dynamo's default of 8 compiled variants; past it, it would run eagerly
+        # and a checkpointed block's recompute could take another path than its forward.
+        if hasattr(torch._dynamo.config, "recompile_limit"):  # (torch >= 2.7; older: cache_size_limit)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        compile_blocks(model)
+        if ref is not None:
+            compile_blocks(ref)
     value_head = ValueHead(model.config.hidden_size).to(device) if args.algo == "ppo" else None
     if value_head is not None and args.resume:
         value_head.load_state_dict(load_file(out / "value_head.safetensors"))
@@ -176,7 +188,8 @@ def main(args):
         ids = [j for c, i in enumerate(chunks) if c % world == rank for j in range(i, i + args.ppo_batch)]
         with autocast:  # one call, --gen-batch rows at a time; rollout j samples with seed [seed, step, j]
             outs = generate(model, [prompts[j] for j in ids], args.max_new_tokens, temperature=args.temperature,
-                            stop_ids=tok.stop_ids, seed=[[args.seed, step, j] for j in ids], batch_size=args.gen_batch)
+                            stop_ids=tok.stop_ids, seed=[[args.seed, step, j] for j in ids], batch_size=args.gen_batch,
+                            cuda_graph=not args.plain)
         mine = dict(zip(ids, outs))
         everyone = [mine]
         if world > 1:  # every rank gets every response (token lists)
@@ -244,7 +257,7 @@ def main(args):
                   "peak_mem_gb": peak_memory_gb(device)}
         log_step(out, record)
         if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0:
-            metrics = eval_em(model, tok, args.eval_n, args.data_dir, autocast)
+            metrics = eval_em(model, tok, args.eval_n, args.data_dir, autocast, cuda_graph=not args.plain)
             log_step(out, {"step": step + 1, **metrics})
         if args.save_every and (step + 1) % args.save_every == 0:
             save(step + 1, metrics)

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 
 from nanogsm.model import SHAPES
+from nanogsm.report import HelpFormatter
 
 GEMMA_2B = SHAPES["gemma-2b"]
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--dir", default="/tmp/gemma-2b-random", help="where the random checkpoint is written")
 parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the measured load
 args = parser.parse_args()
@@ -33,7 +34,7 @@ if args.child:
     model = Gemma.from_pretrained(folder, dtype=torch.bfloat16)
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
-    print(f"| {model.num_params() / 1e9:.3f} B | {weights_gb:.2f} GiB | {peak_gb:.2f} GiB | "
+    print(f"| {sum(p.numel() for p in model.parameters()) / 1e9:.3f} B | {weights_gb:.2f} GiB | {peak_gb:.2f} GiB | "
           f"{time.perf_counter() - t:.1f} s |")
     sys.exit()
 

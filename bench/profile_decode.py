@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from bench.profile_step import kind_of, own_seconds
+from nanogsm.report import HelpFormatter
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--model", default="gemma-3-270m", help="model name or checkpoint folder")
 parser.add_argument("--shape", choices=["gemma-2b"], help="random weights in this shape instead of --model")
 parser.add_argument("--batch", type=int, default=16, help="prompts per batch")
@@ -35,7 +36,7 @@ parser.add_argument("--out", help="JSON file (default runs/profile-decode-<time>
 
 
 def main(args):
-    from bench.suite import bandwidth_bound, best_time, random_folder, sync
+    from bench.suite import bandwidth_bound, best_time, random_folder, speed_layers, sync
     from nanogsm.generate import generate
     from nanogsm.model import Gemma
     from nanogsm.weights import resolve
@@ -43,12 +44,11 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     folder = random_folder(args.shape, tokenizer=False) if args.shape else resolve(args.model)
-    model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
-    if args.compile:
-        model.compile_blocks()
+    model = speed_layers(Gemma.from_pretrained(folder, dtype=dtype, device=device), device,
+                         {"plain": False, "compile": args.compile})
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 32000, (args.batch, args.prompt_len), generator=gen).tolist()
-    run = lambda: generate(model, prompts, args.new_tokens)  # noqa: E731  same shapes every call: no recompile
+    run = lambda: generate(model, prompts, args.new_tokens, stop_ids=())  # noqa: E731  same shapes every call: no recompile
     wall_step = best_time(run, device, 1) / args.new_tokens  # after a warm-up run: compile, record the step
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -66,7 +66,7 @@ def main(args):
             kinds[kind_of(e.key)][1] += e.count
     busy = sum(s for s, _ in kinds.values()) / steps
     # one sequence's KV cache: the bound of bench/suite.py, meaningful at batch 1
-    bound = bandwidth_bound(model.num_params(), folder, dtype, args.prompt_len, steps, device) if args.batch == 1 else None
+    bound = bandwidth_bound(sum(p.numel() for p in model.parameters()), folder, dtype, args.prompt_len, steps, device) if args.batch == 1 else None
     report = {"date": f"{datetime.date.today()}", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "argv": sys.argv[1:], "wall_step_s": wall_step, "busy_step_s": busy, "bound_step_s": bound,
               "kinds": {k: {"s_per_step": s / steps, "per_step": n / steps} for k, (s, n) in

@@ -30,8 +30,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from nanogsm.report import HelpFormatter
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--model", default="gemma-3-270m", help="model name or checkpoint folder")
 parser.add_argument("--shape", choices=["gemma-2b"], help="random weights in this shape instead of --model")
 parser.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
@@ -118,7 +119,7 @@ def main(args):
     step()  # warm-up (and compilation); best_time runs one more
     wall = best_time(step, device, 3)
     tokens = args.accum * args.batch * args.seq
-    n_params = model.num_params()
+    n_params = sum(p.numel() for p in model.parameters())
     report = {"date": f"{datetime.date.today()}", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
               "argv": sys.argv[1:], "step_s": wall, "tok_s": tokens / wall,
               "model_tflop_per_s": (4 if args.lora else 6) * n_params * tokens / wall / 1e12}

@@ -1,5 +1,4 @@
-"""PPO's rollouts two ways: in chunks (one `generate` call per --chunk prompts, as train_ppo.py did
-up to 2026-11-27) and in one call with --gen-batch rows decoding at once, a finished row taking
+"""PPO's rollouts two ways: in chunks (one `generate` call per --chunk prompts) and in one call with --gen-batch rows decoding at once, a finished row taking
 the next prompt (continuous batching, train_ppo.py now). Zero-shot GSM8K train prompts, temperature
 1, each rollout seeded as train_ppo.py seeds it.
 
@@ -24,8 +23,9 @@ import time
 from pathlib import Path
 
 import torch
+from nanogsm.report import HelpFormatter
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--model", default="gemma-3-270m", help="model name or checkpoint folder (an SFT one stops)")
 parser.add_argument("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
 parser.add_argument("--n", type=int, default=64, help="rollouts (the first n train questions)")
@@ -40,16 +40,17 @@ parser.add_argument("--out", help="JSON file (default runs/rollouts-<time>.json)
 
 
 class CountedSteps:
-    """Counts `generate`'s decode steps and their rows, by wrapping DecodeStep.__call__."""
+    """Counts `generate`'s sampled decode steps and their rows, by wrapping the module's `draws`
+    (called once a step, with one key per row)."""
 
-    def __init__(self, step_class):
+    def __init__(self, engine):
         self.steps = self.rows = 0
-        call = step_class.__call__
+        draws = engine.draws
 
-        def counted(step, tokens, alive):
-            self.steps, self.rows = self.steps + 1, self.rows + len(tokens)
-            return call(step, tokens, alive)
-        step_class.__call__ = counted
+        def counted(keys, steps):
+            self.steps, self.rows = self.steps + 1, self.rows + len(keys)
+            return draws(keys, steps)
+        engine.draws = counted
 
 
 def decode_steps(lengths, chunk=None, rows=None):
@@ -80,6 +81,7 @@ def simulate(args):
 
 def main(args):
     import nanogsm.generate as engine
+    from nanogsm import cpu
     from nanogsm.gsm8k import build_prompt, load_gsm8k
     from nanogsm.model import Gemma
     from nanogsm.tokenizer import Tokenizer
@@ -90,10 +92,12 @@ def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     folder = resolve(args.model)
     model, tok = Gemma.from_pretrained(folder, device=device), Tokenizer.from_pretrained(folder)
+    if device == "cpu":
+        cpu.speed_up(model)  # as train_ppo.py runs it
     records = load_gsm8k("main", "train", args.data_dir)[:args.n]
     prompts = [tok.encode(build_prompt(r["question"], "zero-shot")) for r in records]
     seeds = [[0, 0, j] for j in range(len(prompts))]  # train_ppo.py's (--seed, step, rollout)
-    counter = CountedSteps(engine.DecodeStep)
+    counter = CountedSteps(engine)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
 
     def rollouts(chunk, rows):

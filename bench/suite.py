@@ -56,11 +56,12 @@ import time
 from pathlib import Path
 
 import torch
+from nanogsm.report import HelpFormatter
 
 WORKLOADS = ["train", "prefill", "decode", "ppo"]
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, data sheets (SXM)
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--model", default="gemma-3-270m", help="model name or checkpoint folder")
 parser.add_argument("--shape", choices=["gemma-2b"], help="random weights in this shape instead of --model")
 parser.add_argument("--only", nargs="+", choices=WORKLOADS + ["eval"], default=WORKLOADS, help="workloads to run")
@@ -93,6 +94,8 @@ parser.add_argument("--hf-compile", nargs="+", type=int, default=[], metavar="BA
                     help="at these batch sizes also HF decode with static cache + torch.compile")
 parser.add_argument("--compile-decode", action="store_true",
                     help="nanogsm prefill/decode with its blocks through torch.compile (as --compile)")
+parser.add_argument("--plain", action="store_true",
+                    help="nanogsm without its speed layers (the scripts' --plain: no nanogsm/cpu.py, no CUDA graphs)")
 parser.add_argument("--out", help="JSON file (default runs/bench-<time>.json)")
 parser.add_argument("--child", help=argparse.SUPPRESS)  # one measurement, as JSON; prints a JSON result
 
@@ -132,9 +135,9 @@ def measure(job):
             labels, pad_mask = x_host, None
         x = x_host.to(device)
         if side == "nanogsm":
-            model = training_model(folder, device, job["lora"], job["ckpt"], job["compile"], bf16)
+            model = training_model(folder, device, job["lora"], job["ckpt"], job["compile"], bf16, job["plain"])
             # labels on the host, as the training loop keeps them: no host-device sync in the step
-            loss_fn = lambda: token_loss_sum(model, x, labels) / n_target_tokens(labels)  # noqa: E731
+            loss_fn = lambda: token_loss_sum(model, x, labels, compiled=job["compile"]) / n_target_tokens(labels)  # noqa: E731
         else:
             import transformers
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).train()
@@ -170,12 +173,11 @@ def measure(job):
     with torch.inference_mode():
         if side == "nanogsm":
             from nanogsm.generate import generate
-            model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
-            if job["compile"]:
-                model.compile_blocks()
+            model = speed_layers(Gemma.from_pretrained(folder, dtype=dtype, device=device), device, job)
             x = prompts.to(device)
             t_prefill = best_time(lambda: model(x, last_only=True), device, job["steps"])
-            run = lambda n=N: generate(model, rows, n, temperature=job["temperature"], seed=0)  # noqa: E731
+            run = lambda n=N: generate(model, rows, n, temperature=job["temperature"], seed=0, stop_ids=(),  # noqa: E731
+                                       cuda_graph=not job["plain"])
         else:
             import transformers
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -197,7 +199,7 @@ def measure(job):
         result = {"tok_s": B * N / (t_gen - t_prefill), "peak_gb": peak_memory_gb(device),
                   "prefill_tok_s": B * P / t_prefill}
         if side == "nanogsm" and device == "cuda":
-            t_eager = best_time(lambda: generate(model, rows, N, temperature=job["temperature"], seed=0,
+            t_eager = best_time(lambda: generate(model, rows, N, temperature=job["temperature"], seed=0, stop_ids=(),
                                                  cuda_graph=False), device, 1)
             result["eager_tok_s"] = B * N / (t_eager - t_prefill)
         if B == 1:
@@ -211,7 +213,16 @@ def measure(job):
         return result
 
 
-def training_model(folder, device, lora, ckpt, compile_, bf16):
+def speed_layers(model, device, job):
+    """nanogsm's speed layers as the scripts apply them: the CPU layer unless --plain, --compile."""
+    from nanogsm import cpu
+    from nanogsm.compile import compile_blocks
+    if device == "cpu" and not job["plain"]:
+        cpu.speed_up(model)
+    return compile_blocks(model) if job["compile"] else model
+
+
+def training_model(folder, device, lora, ckpt, compile_, bf16, plain=False):
     """nanogsm set up as train_sft.py / train_lora.py set it up (also used by bench/profile_step.py)."""
     from nanogsm.lora import apply_lora, store_base_in
     from nanogsm.model import Gemma
@@ -221,9 +232,7 @@ def training_model(folder, device, lora, ckpt, compile_, bf16):
         apply_lora(model)
         if bf16:  # as train_lora.py: the frozen base in the dtype autocast would cast it to
             store_base_in(model, torch.bfloat16)
-    if compile_:
-        model.compile_blocks()
-    return model
+    return speed_layers(model, device, {"plain": plain, "compile": compile_})
 
 
 def gsm8k_sft_batch(folder, batch):
@@ -252,13 +261,11 @@ def gsm8k_generation(job, folder, side, device, dtype):
     prompts = [tok.encode(build_prompt(r["question"], job["prompt"])) for r in records]
     if side == "nanogsm":  # as evaluate.py runs it: one call, job["batch"] rows at a time, refilled as they finish
         from nanogsm.generate import generate
-        model = Gemma.from_pretrained(folder, dtype=dtype, device=device)
-        if job["compile"]:
-            model.compile_blocks()
+        model = speed_layers(Gemma.from_pretrained(folder, dtype=dtype, device=device), device, job)
 
         def run(rows, n_new):
             return generate(model, rows, n_new, stop_ids=tok.stop_ids, stop_strings=STOP_STRINGS, tokenizer=tok,
-                            batch_size=job["batch"])
+                            batch_size=job["batch"], cuda_graph=not job["plain"])
     else:  # HF generate runs batches of job["batch"] prompts (longest first), each until its last row stops
         import transformers
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -351,8 +358,8 @@ def random_folder(shape, tokenizer):
 
 def peak_flops(device, dtype):
     """(peak FLOP/s for MFU, where it comes from, best measured square matmul FLOP/s). On a CPU the
-    faster of PyTorch's default GEMM and oneDNN's (`mm_t`: 2x MKL's fp32 GEMM on AMD CPUs)."""
-    from nanogsm.model import mm_t
+    faster of PyTorch's default GEMM and oneDNN's (nanogsm/cpu.py: 2x MKL's fp32 GEMM on AMD CPUs)."""
+    from nanogsm.cpu import mm_t
     n = 2048 if device == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     measured = 2 * n**3 / min(best_time(lambda: a @ a, device, 3), best_time(lambda: mm_t(a, a), device, 3))
@@ -381,7 +388,7 @@ def main(args):
     torch.set_num_threads(args.threads)
     folder = random_folder(args.shape, tokenizer={"ppo", "eval"} & set(args.only)) if args.shape else resolve(args.model)
     name = args.shape or args.model
-    base = {"folder": str(folder), "dtype": dtype, "threads": args.threads, "steps": args.steps}
+    base = {"folder": str(folder), "dtype": dtype, "threads": args.threads, "steps": args.steps, "plain": args.plain}
     peak, peak_source, matmul = peak_flops(device, getattr(torch, dtype))
     rows, cpu = [], cpu_name()
     print(f"device {torch.cuda.get_device_name() if device == 'cuda' else cpu} | "

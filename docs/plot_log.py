@@ -20,7 +20,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 RL_KEYS = ["rollout/reward_mean", "rollout/kl_ref", "loss/policy", "loss/value", "loss/entropy",
            "params/policy_clip_frac", "params/grad_norm", "rollout/response_len", "rollout/frac_same_reward"]
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
+    "HelpFormatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}))  # as nanogsm.report's
 parser.add_argument("logs", nargs="+", help="log.jsonl files (one line per run)")
 parser.add_argument("--keys", nargs="+", default=RL_KEYS, help="logged fields to plot, one panel each")
 parser.add_argument("--out", required=True, help="PNG file to write")

@@ -1,4 +1,4 @@
-"""Batched sampling with a preallocated KV cache: prefills, then one-token decode steps.
+"""Batched generation with a preallocated KV cache: prefill the prompts, then one token per step.
 
 A batch row takes a prompt by prefilling all but its last token into the cache slots just before
 the write slot (`Gemma.forward` derives each row's positions and masks from the cache's `valid`
@@ -7,12 +7,8 @@ The start all prompts share (BOS, or a one-shot example) is prefilled once and c
 prompts than rows, a finished row takes the next waiting prompt (continuous batching); when none
 waits, finished rows are dropped from the batch (and the cache) once enough of them are done. The
 cache shifts its slots left past the oldest row still decoding when it is full, or once those
-dead slots are an eighth of it. On CUDA each decode step is replayed from a recorded CUDA graph
-(`DecodeStep`). The decode steps read each layer's q/k/v and gate/up weights concatenated, and on
-the CPU oneDNN's blocked copies of the fp32 or bf16 weights (`decode_weights`); on the CPU they
-attend only to the cache slots written so far (a non-static `KVCache`), and greedy tokens from
-fp32 weights come from the head in bf16, checked against an error bound (`screened_argmax`).
-Sampled tokens take each prompt's own stream of uniform numbers (`draws`), whatever the batch.
+dead slots are an eighth of it. Sampled tokens take each prompt's own stream of uniform numbers
+(`draws`), whatever the batch. `generate_naive` at the end is the plain version it is tested against.
 """
 import os
 
@@ -20,7 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanogsm.model import KVCache, decode_weights, packed_linear
+from nanogsm.calculator import calculator_tokens
+from nanogsm.cuda_graph import DecodeStep
+from nanogsm.model import KVCache
 
 
 def sample(logits, temperature=0.0, top_k=None, top_p=1.0, u=None):
@@ -29,6 +27,14 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, u=None):
     uniform number in [0, 1), float64 (`draws`); None: from torch's generator."""
     if temperature == 0.0:
         return logits.argmax(-1)
+    logits = restrict(logits, temperature, top_k, top_p)
+    u = torch.rand(len(logits), dtype=torch.float64) if u is None else u  # (B,)
+    return inverse_cdf(logits.softmax(-1), u)
+
+
+def restrict(logits, temperature, top_k=None, top_p=1.0):
+    """logits (B, V) / temperature, -inf outside the top_k tokens and outside the smallest set whose
+    probability reaches top_p."""
     if temperature != 1.0:  # (PPO's rollouts sample at 1: no copy of the (B, V) logits)
         logits = logits / temperature
     if top_k is not None:
@@ -39,19 +45,19 @@ def sample(logits, temperature=0.0, top_k=None, top_p=1.0, u=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    # Inverse-CDF sampling: one uniform number per row, found in the running sum of the row's
-    # probabilities, in two steps: the chunk of 512 tokens it falls in (the running sum of the
-    # chunks' totals), then the token within that chunk (its probabilities' running sum in float64:
-    # every token keeps its width, however small). Masked tokens have zero width and are never
-    # drawn. One float64 running sum over all 16 x 262k probabilities took 23-26 ms on the 2-core CPU,
-    # half of it writing its float64 copy (docs/BENCHMARKS.md); torch.multinomial, which draws one
-    # random number per vocabulary entry, 31-78 ms.
-    probs = logits.softmax(-1)  # (B, V)
+    return logits
+
+
+def inverse_cdf(probs, u):
+    """The token whose slice of the running sum of probs (B, V) holds u * total, for u (B,) in [0, 1):
+    one float64 running sum in two steps, the chunk of 512 tokens u falls in (the running sum of
+    the chunks' totals), then the token within it. Every token keeps its width, however small;
+    masked tokens have zero width and are never drawn. (One float64 running sum over all 262k
+    probabilities writes a float64 copy of them: docs/BENCHMARKS.md#sampling; `generate_naive` uses it.)"""
     (B, V), c = probs.shape, 512
     chunks = (F.pad(probs, (0, -V % c)) if V % c else probs).view(B, -1, c)  # (B, n, c): the last one zero-padded
     totals = chunks.sum(-1).double()  # (B, n)
     ends = totals.cumsum(-1)  # (B, n): the running sum at each chunk's end
-    u = torch.rand(B, dtype=torch.float64) if u is None else u  # (B,)
     u = u.to(probs.device)[:, None] * ends[:, -1:]  # (B, 1)
     j = torch.searchsorted(ends, u, right=True).clamp(max=ends.shape[1] - 1)  # (B, 1): u's chunk (clamp: rounding)
     share = (u - ends.gather(-1, j)) / totals.gather(-1, j) + 1  # (B, 1): how far into its chunk u lies, in [0, 1)
@@ -77,7 +83,7 @@ def draws(keys, steps):
     alone, not on a generator's state, so a prompt draws the same numbers however the prompts are
     batched, refilled or split over processes (`generate`'s seed). The same tokens too where its
     logits are bit-equal: in another batch they can differ in their last bits, which over a 262k
-    vocabulary's long tail can move a draw to a neighbouring token (docs/BENCHMARKS.md)."""
+    vocabulary's long tail can move a draw to a neighbouring token."""
     x = mix64(keys + (np.asarray(steps, dtype=np.uint64) + np.uint64(1)) * GOLDEN)
     return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) * 2.0**-53)  # the top 53 bits
 
@@ -90,113 +96,25 @@ def hash_seed(seed):
     return x[0]
 
 
-def screened_argmax(model, h, k=16):
-    """The greedy tokens, argmax of model.logits(h), for hidden states h (b, d) -> (b,), with the
-    fp32 head skipped where it can be; needs `model.screen` (`decode_weights(greedy=True)`).
-
-    The head's 262k x 640 product is ~45% of a batch-16 decode step of Gemma 3 270M on the 2-core
-    CPU, and half that in bf16 (docs/BENCHMARKS.md). Logits `a` from h and the head rounded to
-    bf16 differ from the fp32 logits by at most
-        e = (2^-7 + 2^-12) |h| max_v |w_v|  +  2^-7 |a|
-    (h and w_v each rounded at a relative 2^-8, fp32 sums of d products, Cauchy-Schwarz; then `a`
-    itself rounded to bf16, |a| the larger of the first and the k-th). So when the k-th largest `a`
-    is more than 2e below the largest, the best token is among those k, and their exact fp32
-    logits pick it; other rows get the full fp32 head. (Gemma 2's final soft-cap is monotone: the
-    argmax of the raw logits is the same.)"""
-    head, w_max = model.screen
-    a = packed_linear(h.bfloat16(), head, None)  # (b, V) in bf16
-    top, idx = chunked_topk(a, k)  # (b, k), largest first
-    top = top.float()
-    e = (2**-7 + 2**-12) * h.norm(dim=-1) * w_max + 2**-7 * top[:, [0, -1]].abs().amax(-1)  # (b,)
-    exact = (model.embed_tokens.weight[idx] @ h[:, :, None]).squeeze(-1)  # (b, k, d) @ (b, d, 1) -> (b, k)
-    tokens = idx.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)  # (b,)
-    unsure = top[:, -1] >= top[:, 0] - 2 * e  # (b,)
-    if unsure.any():
-        tokens[unsure] = model.logits(h[unsure]).argmax(-1)
-    return tokens
-
-
-def chunked_topk(a, k, chunks=512):
-    """a.topk(k) over the last dim of a (b, V): values (b, k), largest first, and their indices,
-    found in two small steps. The k largest values lie in the k chunks (of `chunks` equal chunks)
-    with the largest maxima: a value in any other chunk is at most its chunk's maximum, which is
-    at most the k-th largest of those maxima. Over Gemma's 262k logits in bf16, 16 rows, k 16:
-    1.1 ms against 3.6 ms for one topk (docs/BENCHMARKS.md). Ties may pick other indices of the
-    same values. A vocabulary that does not split into `chunks` equal chunks, or k > chunks: one topk."""
-    b, V = a.shape
-    if V % chunks or k > chunks:
-        return a.topk(min(k, V), dim=-1)
-    n = V // chunks  # values per chunk
-    _, best = a.view(b, chunks, n).amax(-1).topk(k, dim=-1)  # (b, k): the chunks with the largest maxima
-    idx = (best[:, :, None] * n + torch.arange(n, device=a.device)).view(b, k * n)  # (b, k*n): their values' indices
-    top, j = a.gather(-1, idx).topk(k, dim=-1)  # (b, k)
-    return top, idx.gather(-1, j)
-
-
-class DecodeStep:
-    """One decode step: tokens (b,) -> next-token logits (b, V) in fp32 (head=False: the final
-    hidden states (b, d), for `screened_argmax`), each token written to its row's next cache slot
-    (alive False: the token is marked invalid, see `generate`).
-
-    On CUDA the step is recorded once as a CUDA graph and then replayed. A decode step of a small
-    batch is ~50 small kernels per layer whose launch cost exceeds their run time; a replay
-    launches all of them at once (gemma-2b, batch 1, H200: 3.6x faster steps; with compiled
-    blocks the recording holds their fused kernels, 5.5x; docs/BENCHMARKS.md). It can be
-    recorded because the forward reads no value back to the host (see KVCache). The tokens and
-    alive flags are copied into the recorded input tensors, and the logits come back in the
-    recorded output tensor (overwritten by the next step). After `cache.keep` the cache tensors
-    are new, so the step is recorded again for the smaller batch.
-    """
-
-    def __init__(self, model, cache, cuda_graph=True, head=True):
-        self.model, self.cache, self.graph, self.head = model, cache, None, head
-        self.cuda_graph = cuda_graph and cache.valid.is_cuda
-
-    def forward(self, tokens, alive):  # head=False: the final hidden states (b, d) instead
-        return self.model(tokens[:, None], pad_mask=alive[:, None], cache=self.cache, head=self.head)[:, -1].float()
-
-    def __call__(self, tokens, alive):
-        if not self.cuda_graph:
-            return self.forward(tokens, alive)
-        if self.graph is None or self.recorded_k is not self.cache.k:
-            self.record(tokens, alive)
-        self.tokens.copy_(tokens)
-        self.alive.copy_(alive)
-        self.graph.replay()
-        return self.logits
-
-    def record(self, tokens, alive):
-        self.graph = self.logits = None  # free the previous recording's memory
-        self.tokens, self.alive, pos = tokens.clone(), alive.clone(), self.cache.pos.clone()
-        side = torch.cuda.Stream()  # one eager run first, on a side stream, so that lazy setup
-        side.wait_stream(torch.cuda.current_stream())  # (kernel loading, library handles) is
-        with torch.cuda.stream(side):  # not recorded
-            self.forward(self.tokens, self.alive)
-        torch.cuda.current_stream().wait_stream(side)
-        self.cache.pos.copy_(pos)  # undo its step: the replay rewrites the same slot
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels without running them
-            self.logits = self.forward(self.tokens, self.alive)
-        self.recorded_k = self.cache.k
-
-
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=(), seed=None,
+def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=None, seed=None,
              return_logprobs=False, stop_strings=(), tokenizer=None, calculator=False, cuda_graph=True,
              batch_size=None, on_finish=None):
     """Continue each prompt (a list of token ids) by up to max_new_tokens.
 
     A row stops after emitting a token in stop_ids (kept in its output), or once its decoded text
-    contains one of stop_strings (needs `tokenizer`). Returns the new tokens of each prompt and,
+    contains one of stop_strings (needs `tokenizer`). stop_ids None: the checkpoint's end-of-sequence
+    ids (generation_config.json's, else config.json's), as HF's generate; () never stops early. Returns the new tokens of each prompt and,
     with return_logprobs, their log-probs under the model (log_softmax of the raw logits:
     temperature 1, no top-k/top-p), as the PPO trainer recomputes them.
     batch_size: how many prompts decode together (default: all). With more prompts than that, a
     row that finishes takes the next waiting prompt (continuous batching): the batch stays full
     until the prompts run out, instead of decoding its last unfinished rows alone.
     on_finish: called with a prompt's index when it is done (a progress bar).
-    calculator: when a row writes a GSM8K annotation `<<expr=`, the result of expr (see
-    `nanogsm.gsm8k.calculate`) is forced as its next tokens, as in the GSM8K paper.
-    cuda_graph=False: plain eager decode steps on CUDA too (to compare; the outputs are the same).
+    calculator: when a row writes a GSM8K annotation `<<expr=`, the result of expr is forced as
+    its next tokens (nanogsm/calculator.py).
+    cuda_graph: on CUDA, replay each decode step from a recorded CUDA graph (nanogsm/cuda_graph.py);
+    False: eager steps (the same outputs).
     seed (temperature > 0): an int, or a list of one seed per prompt (ints or lists of ints). Prompt
     i samples with the stream of uniform numbers seeded by [seed, i] (or by its own seed), its t-th
     token with the t-th number (`draws`): the same numbers however the prompts are batched, refilled
@@ -229,6 +147,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
         if len(seeds) != len(prompts):
             raise ValueError(f"generate: seed is a list of {len(seeds)} seeds for {len(prompts)} prompts")
         keys = np.array([hash_seed(s) for s in seeds], dtype=np.uint64)  # (n,)
+    stop_ids = model.config.eos_token_ids if stop_ids is None else stop_ids
     stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
 
     out_tokens, out_logprobs = [[] for _ in prompts], [[] for _ in prompts]
@@ -238,64 +157,66 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
     finished = [True] * B  # per batch row: nothing (more) to decode; all rows are free at first
     tokens = torch.zeros(B, dtype=torch.long, device=device)  # per row, the token the next step feeds
     pos = P - 1  # the cache's write slot, as a host number
-    # Fused projections; on this CPU oneDNN's blocked weights, and for greedy tokens a bf16 head.
-    with decode_weights(model, B, greedy=temperature == 0 and not return_logprobs):
-        step_fn = DecodeStep(model, cache, cuda_graph, head=model.screen is None)
-        while True:
-            free = [j for j, done in enumerate(finished) if done]
-            if free and waiting:  # free rows take waiting prompts: all but the last token prefilled
-                free = free[:len(waiting)]
-                new, waiting = waiting[:len(free)], waiting[len(free):]
-                prefill(model, cache, free, [prompts[r][:-1] for r in new], pos, shared)
-                tokens[free] = torch.tensor([prompts[r][-1] for r in new], device=device)  # the next step feeds it
-                for j, r in zip(free, new):
-                    rows[j], starts[j], finished[j] = r, pos - len(prompts[r]) + 1, False
-            elif all(finished):
-                break
-            elif len(free) >= 0.25 * len(rows):  # no prompt waits: drop finished rows so they stop costing compute
-                keep = [j for j, done in enumerate(finished) if not done]
-                rows, starts, finished = [rows[j] for j in keep], [starts[j] for j in keep], [False] * len(keep)
-                keep = torch.tensor(keep, device=device)
-                tokens = tokens[keep]
-                cache.keep(keep)
-            # Drop the slots before the oldest row still decoding when no slot is left (there are some:
-            # no row outlives the cache), or once they are an eighth of the cache: on the CPU attention
-            # reads all slots up to the write slot.
-            first = min(s for s, done in zip(starts, finished) if not done)
-            if first > 0 and (pos == cache.valid.shape[1] or 8 * first >= cache.valid.shape[1]):
-                cache.shift(first)
-                pos, starts = pos - first, [s - first for s in starts]
-            # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
-            alive = torch.tensor([not done for done in finished], device=device)
-            # Each row's uniform number: sent before the step is queued, while the device is idle.
-            u = draws(keys[rows], [len(out_tokens[r]) for r in rows]).to(device) if temperature > 0 else None  # (b,)
-            if model.screen is not None:  # greedy, fp32 on this CPU: the head in bf16 first
-                tokens = screened_argmax(model, step_fn(tokens, alive))  # (b, d) -> (b,)
-            else:
-                logits = step_fn(tokens, alive)  # (b, V)
-                tokens = sample(logits, temperature, top_k, top_p, u)  # (b,)
-            pos += 1
-            for j, r in enumerate(rows):  # forced calculator tokens replace the sample
-                if forced[r] and not finished[j]:
-                    tokens[j] = forced[r].pop(0)
-            logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
-            # The step's one wait for the device: its tokens and stop flags (and log-probs) come to the host.
-            token_list, stop_list = torch.stack([tokens, torch.isin(tokens, stop_ids)]).tolist()
-            logprob_list = logprobs.tolist() if return_logprobs else None
-            for j, r in enumerate(rows):
-                if finished[j]:
-                    continue
-                out_tokens[r].append(token_list[j])
-                if return_logprobs:
-                    out_logprobs[r].append(logprob_list[j])
-                finished[j] = stop_list[j] == 1 or len(out_tokens[r]) == max_new_tokens
-                if stop_strings or calculator:
-                    texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
-                    finished[j] |= any(s in texts[r] for s in stop_strings)
-                    if calculator and not forced[r]:
-                        forced[r] = calculator_tokens(tails[r] + texts[r], tokenizer)
-                if finished[j] and on_finish is not None:
-                    on_finish(r)
+    step = DecodeStep(model, cache) if cuda_graph and device.type == "cuda" else None  # the GPU decode step
+    while True:
+        free = [j for j, done in enumerate(finished) if done]
+        if free and waiting:  # free rows take waiting prompts: all but the last token prefilled
+            free = free[:len(waiting)]
+            new, waiting = waiting[:len(free)], waiting[len(free):]
+            prefill(model, cache, free, [prompts[r][:-1] for r in new], pos, shared)
+            tokens[free] = torch.tensor([prompts[r][-1] for r in new], device=device)  # the next step feeds it
+            for j, r in zip(free, new):
+                rows[j], starts[j], finished[j] = r, pos - len(prompts[r]) + 1, False
+        elif all(finished):
+            break
+        elif len(free) >= 0.25 * len(rows):  # no prompt waits: drop finished rows so they stop costing compute
+            keep = [j for j, done in enumerate(finished) if not done]
+            rows, starts, finished = [rows[j] for j in keep], [starts[j] for j in keep], [False] * len(keep)
+            keep = torch.tensor(keep, device=device)
+            tokens = tokens[keep]
+            keep_rows(cache, keep)
+        # Drop the slots before the oldest row still decoding when no slot is left (there are some:
+        # no row outlives the cache), or once they are an eighth of the cache: on the CPU attention
+        # reads all slots up to the write slot.
+        first = min(s for s, done in zip(starts, finished) if not done)
+        if first > 0 and (pos == cache.valid.shape[1] or 8 * first >= cache.valid.shape[1]):
+            shift(cache, first)
+            pos, starts = pos - first, [s - first for s in starts]
+        # A finished row still in the batch feeds a token marked invalid: no later query attends to it.
+        alive = torch.tensor([not done for done in finished], device=device)
+        # Each row's uniform number: sent before the step is queued, while the device is idle.
+        u = draws(keys[rows], [len(out_tokens[r]) for r in rows]).to(device) if temperature > 0 else None  # (b,)
+        if step is not None:
+            h = step(tokens, alive)  # (b, d)
+        else:
+            h = model(tokens[:, None], pad_mask=alive[:, None], cache=cache, head=False)[:, -1]  # (b, d)
+        if temperature == 0 and not return_logprobs:
+            tokens = model.head.argmax(h, model.embed_tokens.weight)  # (b,)
+        else:
+            logits = model.logits(h).float()  # (b, V)
+            tokens = sample(logits, temperature, top_k, top_p, u)  # (b,)
+        pos += 1
+        for j, r in enumerate(rows):  # forced calculator tokens replace the sample
+            if forced[r] and not finished[j]:
+                tokens[j] = forced[r].pop(0)
+        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1) if return_logprobs else None
+        # The step's one wait for the device: its tokens and stop flags (and log-probs) come to the host.
+        token_list, stop_list = torch.stack([tokens, torch.isin(tokens, stop_ids)]).tolist()
+        logprob_list = logprobs.tolist() if return_logprobs else None
+        for j, r in enumerate(rows):
+            if finished[j]:
+                continue
+            out_tokens[r].append(token_list[j])
+            if return_logprobs:
+                out_logprobs[r].append(logprob_list[j])
+            finished[j] = stop_list[j] == 1 or len(out_tokens[r]) == max_new_tokens
+            if stop_strings or calculator:
+                texts[r] += tokenizer.decode(out_tokens[r][-1:], skip_special=False)
+                finished[j] |= any(s in texts[r] for s in stop_strings)
+                if calculator and not forced[r]:
+                    forced[r] = calculator_tokens(tails[r] + texts[r], tokenizer)
+            if finished[j] and on_finish is not None:
+                on_finish(r)
     return (out_tokens, out_logprobs) if return_logprobs else out_tokens
 
 
@@ -316,16 +237,64 @@ def prefill(model, cache, rows, prompts, end, shared):
         pad_mask = torch.tensor([[True] * len(t) + [False] * (T - len(t)) for t in tails])  # (n, T)
         model(x.to(block.valid.device), pad_mask=pad_mask.to(block.valid.device), cache=block, last_only=True,
               head=False)
-    cache.place(rows, block, [len(p) for p in prompts], end)
+    place(cache, rows, block, [len(p) for p in prompts], end)
 
 
-def calculator_tokens(text, tokenizer):
-    """If text ends inside an annotation `<<expr=`, the tokens of expr's value, else []."""
-    from nanogsm.gsm8k import calculate
-    if not text.endswith("=") or "<<" not in text:
-        return []
-    expr = text[text.rindex("<<") + 2:-1]
-    if ">>" in expr:
-        return []
-    value = calculate(expr)
-    return [] if value is None else tokenizer.encode(value, bos=False)
+# ---- the cache, for continuous batching ----------------------------------------------------------
+
+def keep_rows(cache, rows):
+    """Keep only these batch rows of the cache (a LongTensor of indices), e.g. when others finished."""
+    cache.k, cache.v, cache.valid = [k[rows] for k in cache.k], [v[rows] for v in cache.v], cache.valid[rows]
+
+
+def place(cache, rows, block, lengths, end):
+    """Batch row rows[i] starts over with the first lengths[i] slots of `block`'s row i (a filled
+    KVCache), ending at slot `end`; its other slots turn invalid. In place: a recorded CUDA graph
+    keeps reading these tensors."""
+    cache.valid[rows] = False
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        cache.valid[row, end - n:end] = True
+        for mine, theirs in zip(cache.k + cache.v, block.k + block.v):
+            mine[row, :, end - n:end] = theirs[i, :, :n]  # (nkv, n, hd)
+
+
+def shift(cache, n):
+    """Move every slot n to the left, dropping the first n (no row still decoding may hold one):
+    room at the end for more steps. Positions follow the valid slots, so they stay."""
+    for t in cache.k + cache.v:
+        t[:, :, :-n] = t[:, :, n:].clone()  # (B, nkv, max_len - n, hd)
+    cache.valid[:, :-n] = cache.valid[:, n:].clone()
+    cache.valid[:, -n:] = False
+    cache.pos -= n
+
+
+# ---- the reference the engine is tested against --------------------------------------------------
+
+@torch.no_grad()
+def generate_naive(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=1.0, stop_ids=None, seed=0,
+                   return_logprobs=False):
+    """`generate` the plain way, to test it against: one prompt at a time, the whole sequence
+    recomputed for every new token (no cache, no batching, no speed layer), the full logits, and
+    prompt i sampling its t-th token with the same uniform number (`draws` seeded by [seed, i]) from
+    one float64 running sum of its probabilities."""
+    device = next(model.parameters()).device
+    stop_ids = model.config.eos_token_ids if stop_ids is None else stop_ids
+    out_tokens, out_logprobs = [], []
+    for i, prompt in enumerate(prompts):
+        key = np.array([hash_seed([seed, i])], dtype=np.uint64)
+        seq, new, logprobs = list(prompt), [], []
+        while len(new) < max_new_tokens:
+            logits = model(torch.tensor([seq], device=device))[:, -1].float()  # (1, V): all positions recomputed
+            if temperature == 0:
+                token = int(logits.argmax())
+            else:
+                probs = restrict(logits, temperature, top_k, top_p).softmax(-1).double()  # (1, V)
+                cdf = probs.cumsum(-1)
+                token = int(torch.searchsorted(cdf, draws(key, [len(new)]).to(device)[:, None] * cdf[:, -1:], right=True))
+            logprobs.append(logits.log_softmax(-1)[0, token].item())
+            seq, new = seq + [token], new + [token]
+            if token in stop_ids:
+                break
+        out_tokens.append(new)
+        out_logprobs.append(logprobs)
+    return (out_tokens, out_logprobs) if return_logprobs else out_tokens

@@ -1,5 +1,6 @@
 """GSM8K: loading, the seeded test subset, the study's four prompt strategies, answer extraction,
-scoring, and the safe calculator for `<<expr=result>>` annotations."""
+scoring. The calculator for `<<expr=result>>` annotations is nanogsm/calculator.py."""
+import functools
 import json
 import os
 import random
@@ -18,8 +19,49 @@ HUB_DATASET = "openai/gsm8k"
 
 INSTRUCTION = ("You are a helpful math assistant. Please provide a step-by-step derivation and end your answer "
                "with the final numerical result in the format '#### <number>'.")
-STRATEGIES = ("zero-shot", "one-shot", "zero-shot-instruct", "one-shot-instruct")
+STRATEGIES = ("zero-shot", "one-shot", "zero-shot-instruct", "one-shot-instruct",  # the study's four
+              "5-shot", "8-shot-cot")  # lm-evaluation-harness's gsm8k and gsm8k_cot, as model cards report
 STOP_STRINGS = ("\nQuestion:",)  # a base model goes on to invent the next problem
+FIVE_SHOT_SEED = 1234  # the 5 train exemplars of `--prompt 5-shot` (lm-eval's default few-shot seed)
+
+# lm-evaluation-harness (EleutherAI, lm_eval/tasks/gsm8k/gsm8k.yaml, gsm8k-cot.yaml): the stop strings,
+# the strict answer regex, and what exact match ignores in the answer and the reference.
+LM_EVAL = {
+    "5-shot": dict(stops=("Question:", "\n\n"), answer=re.compile(r"#### (\-?[0-9\.\,]+)"),
+                   ignore=(",", r"\$", r"(?s).*#### ")),
+    "8-shot-cot": dict(stops=("Q:",), answer=re.compile(r"The answer is (\-?[0-9\.\,]+)."),
+                       ignore=(",", r"\$", r"(?s).*#### ", r"\.$")),
+}
+# Wei et al. 2022's eight chain-of-thought exemplars, as lm-eval's gsm8k_cot gives them.
+COT_EXAMPLES = [
+    ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are done, "
+     "there will be 21 trees. How many trees did the grove workers plant today?",
+     "There are 15 trees originally. Then there were 21 trees after some more were planted. So there must have "
+     "been 21 - 15 = 6. The answer is 6."),
+    ("If there are 3 cars in the parking lot and 2 more cars arrive, how many cars are in the parking lot?",
+     "There are originally 3 cars. 2 more cars arrive. 3 + 2 = 5. The answer is 5."),
+    ("Leah had 32 chocolates and her sister had 42. If they ate 35, how many pieces do they have left in total?",
+     "Originally, Leah had 32 chocolates. Her sister had 42. So in total they had 32 + 42 = 74. After eating 35, "
+     "they had 74 - 35 = 39. The answer is 39."),
+    ("Jason had 20 lollipops. He gave Denny some lollipops. Now Jason has 12 lollipops. How many lollipops did "
+     "Jason give to Denny?",
+     "Jason started with 20 lollipops. Then he had 12 after giving some to Denny. So he gave Denny 20 - 12 = 8. "
+     "The answer is 8."),
+    ("Shawn has five toys. For Christmas, he got two toys each from his mom and dad. How many toys does he have now?",
+     "Shawn started with 5 toys. If he got 2 toys each from his mom and dad, then that is 4 more toys. 5 + 4 = 9. "
+     "The answer is 9."),
+    ("There were nine computers in the server room. Five more computers were installed each day, from monday to "
+     "thursday. How many computers are now in the server room?",
+     "There were originally 9 computers. For each of 4 days, 5 more computers were added. So 5 * 4 = 20 computers "
+     "were added. 9 + 20 is 29. The answer is 29."),
+    ("Michael had 58 golf balls. On tuesday, he lost 23 golf balls. On wednesday, he lost 2 more. How many golf "
+     "balls did he have at the end of wednesday?",
+     "Michael started with 58 golf balls. After losing 23 on tuesday, he had 58 - 23 = 35. After losing 2 more, he "
+     "had 35 - 2 = 33 golf balls. The answer is 33."),
+    ("Olivia has $23. She bought five bagels for $3 each. How much money does she have left?",
+     "Olivia had 23 dollars. 5 bagels for 3 dollars each will be 5 x 3 = 15 dollars. So she has 23 - 15 dollars "
+     "left. 23 - 15 is 8. The answer is 8."),
+]
 
 # The one-shot example: the first train record (Natalia's clips).
 ONE_SHOT_QUESTION = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -104,17 +146,49 @@ def heldout_subset(train_records, n_trained, train_seed, n=SUBSET_SIZE):
     return seeded_subset([r for r in train_records if r["id"] not in trained], n)
 
 
-def build_prompt(question, strategy="one-shot-instruct", chat=False, tokenizer=None):
-    """The study's prompt text; for instruction-tuned models wrapped in the chat template (the
-    instruction goes in the user turn: Gemma has no system role)."""
+def build_prompt(question, strategy="one-shot-instruct", chat=False, tokenizer=None, shots=None):
+    """The prompt text; for instruction-tuned models wrapped in the chat template (the instruction
+    goes in the user turn: Gemma has no system role). 5-shot: `shots`, train records
+    (`five_shot_examples`), as `Question: ...\nAnswer: <gold answer>` blocks; 8-shot-cot: Wei et al.'s
+    exemplars as `Q: ...\nA: ...`; both separated by blank lines, as lm-eval builds them."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown prompt strategy {strategy!r}; expected one of {STRATEGIES} or 'all'")
+    if strategy == "5-shot":
+        if not shots:
+            raise ValueError("--prompt 5-shot needs its train exemplars (five_shot_examples)")
+        text = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in shots)
+        text += f"Question: {question}\nAnswer:"
+        return tokenizer.chat(text) if chat else text
+    if strategy == "8-shot-cot":
+        text = "".join(f"Q: {q}\nA: {a}\n\n" for q, a in COT_EXAMPLES) + f"Q: {question}\nA:"
+        return tokenizer.chat(text) if chat else text
     text = f"Question: {question}\nAnswer:"
     if strategy.startswith("one-shot"):
         text = f"Question: {ONE_SHOT_QUESTION}\nAnswer: {ONE_SHOT_ANSWER}\n\n" + text
     if strategy.endswith("instruct"):
         text = f"{INSTRUCTION}\n\n" + text
     return tokenizer.chat(text) if chat else text
+
+
+def five_shot_examples(data_dir=None, config="main"):
+    """The 5 train records of `--prompt 5-shot`: seeded (FIVE_SHOT_SEED), the same for every question.
+    (lm-eval draws 5 per question with the same seed, so its exemplars differ from question to question.)"""
+    return seeded_subset(load_gsm8k(config, "train", data_dir), 5, FIVE_SHOT_SEED)
+
+
+def stop_strings(strategy):
+    return LM_EVAL[strategy]["stops"] if strategy in LM_EVAL else STOP_STRINGS
+
+
+def lm_eval_match(text, reference, strategy):
+    """lm-eval's strict exact match: (the first answer its regex finds, or None; whether it equals the
+    reference once both lose what the task ignores)."""
+    task = LM_EVAL[strategy]
+    m = task["answer"].search(text)
+    if m is None:
+        return None, False
+    clean = lambda t: functools.reduce(lambda t, r: re.sub(r, "", t), task["ignore"], t).strip().lower()  # noqa: E731
+    return m.group(1), clean(m.group(1)) == clean(reference)
 
 
 # ---- answers -----------------------------------------------------------------------------------
@@ -167,32 +241,42 @@ def is_correct(completion, gold_answer):
 # ---- evaluation --------------------------------------------------------------------------------
 
 def evaluate(model, tok, records, strategy="one-shot-instruct", chat=False, batch_size=16, max_new_tokens=256,
-             samples=1, temperature=0.0, seed=0, calculator=False):
+             samples=1, temperature=0.0, seed=0, calculator=False, cuda_graph=True, data_dir=None):
     """Generate for every record (k = samples per problem) and score; returns one row per problem.
     All prompts go to one `generate` call that decodes batch_size of them at a time, refilling
     finished rows (continuous batching)."""
     k = samples
-    prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok)) for r in records for _ in range(k)]
+    shots = five_shot_examples(data_dir) if strategy == "5-shot" else None
+    prompts = [tok.encode(build_prompt(r["question"], strategy, chat, tok, shots)) for r in records for _ in range(k)]
     bar = progress(range(len(prompts)), desc=strategy)  # advanced as answers finish
     next(bar, None)
     outs = generate(model, prompts, max_new_tokens, temperature=temperature, stop_ids=tok.stop_ids,
-                    stop_strings=STOP_STRINGS, tokenizer=tok, seed=seed, calculator=calculator,
-                    batch_size=batch_size, on_finish=lambda i: next(bar, None))
-    return [score(r, [finish(t, tok, max_new_tokens) for t in outs[i * k:(i + 1) * k]]) for i, r in enumerate(records)]
+                    stop_strings=stop_strings(strategy), tokenizer=tok, seed=seed, calculator=calculator,
+                    batch_size=batch_size, on_finish=lambda i: next(bar, None), cuda_graph=cuda_graph)
+    return [score(r, [finish(t, tok, max_new_tokens, stop_strings(strategy)) for t in outs[i * k:(i + 1) * k]], strategy)
+            for i, r in enumerate(records)]
 
 
-def finish(tokens, tok, max_new_tokens):
+def finish(tokens, tok, max_new_tokens, stops=STOP_STRINGS):
     """(text cut at the first stop string, whether generation hit the token budget without stopping)."""
     text = tok.decode(tokens)
-    cut = min([text.index(s) for s in STOP_STRINGS if s in text], default=None)
+    cut = min([text.index(s) for s in stops if s in text], default=None)
     stopped = cut is not None or (tokens and tokens[-1] in tok.stop_ids)
     return (text if cut is None else text[:cut]), (not stopped and len(tokens) >= max_new_tokens)
 
 
-def score(record, samples):
+def score(record, samples, strategy="zero-shot"):
+    """One row: strict EM by '####' (the study's prompts) or by lm-eval's own regex and match (5-shot,
+    8-shot-cot), the flexible score, the failure kind; maj@k and pass@k with several samples."""
     texts = [t for t, _ in samples]
-    answers = [extract_answer(t) for t in texts]
-    correct = [same_number(a, record["gold"]) for a in answers]
+    if strategy in LM_EVAL:
+        reference = record["answer"] if strategy == "5-shot" else record["answer"].split("####")[-1].strip()
+        matches = [lm_eval_match(t, reference, strategy) for t in texts]
+        answers = [None if m is None else to_number(m) for m, _ in matches]
+        correct = [ok for _, ok in matches]
+    else:
+        answers = [extract_answer(t) for t in texts]
+        correct = [same_number(a, record["gold"]) for a in answers]
     votes = Counter(a for a in answers if a is not None).most_common(1)
     majority = votes[0][0] if votes else None
     text, truncated = samples[0]
@@ -200,7 +284,7 @@ def score(record, samples):
         kind = "correct"
     elif truncated:
         kind = "truncated at max tokens"
-    elif "####" not in text:
+    elif "####" not in text if strategy not in LM_EVAL else answers[0] is None:  # no answer in the prompt's format
         kind = "no ####"
     elif answers[0] is None:
         kind = "unparsable after ####"
@@ -233,69 +317,3 @@ def summarize(rows, strategy, k):
         mean = sum(r["sample_accuracy"] for r in rows) / n
         print(f"  maj@{k} {100 * maj / n:.1f}% | pass@{k} {100 * pas / n:.1f}% | mean single sample {100 * mean:.1f}%")
     return summary
-
-
-# ---- the calculator ----------------------------------------------------------------------------
-
-TOKEN = re.compile(r"\s*(\d+(?:\.\d+)?|[-+*/()])")
-
-
-def calculate(expr, max_len=100):
-    """Value of an arithmetic expression (numbers, + - * / and parentheses only) as text, or None.
-
-    A small recursive-descent parser: nothing is ever passed to eval. Results print like GSM8K's
-    annotations: integers without '.0', others rounded to 6 decimals.
-    """
-    expr = expr.replace(",", "").strip()
-    if not expr or len(expr) > max_len:
-        return None
-    tokens, pos = [], 0
-    while pos < len(expr):
-        m = TOKEN.match(expr, pos)
-        if not m:
-            return None
-        tokens.append(m.group(1))
-        pos = m.end()
-    tokens.append(None)  # end marker
-    i = 0
-
-    def peek():
-        return tokens[i]
-
-    def take():
-        nonlocal i
-        i += 1
-        return tokens[i - 1]
-
-    def atom():
-        t = take()
-        if t == "-":
-            return -atom()
-        if t == "(":
-            v = sum_()
-            if take() != ")":
-                raise ValueError
-            return v
-        if t is None or t in "+-*/()":
-            raise ValueError
-        return float(t)
-
-    def product():
-        v = atom()
-        while peek() in ("*", "/"):
-            v = v * atom() if take() == "*" else v / atom()
-        return v
-
-    def sum_():
-        v = product()
-        while peek() in ("+", "-"):
-            v = v + product() if take() == "+" else v - product()
-        return v
-
-    try:
-        value = sum_()
-        if peek() is not None or abs(value) > 1e15:
-            return None
-    except (ValueError, ZeroDivisionError, RecursionError):
-        return None
-    return str(int(value)) if value == int(value) else f"{value:.6f}".rstrip("0")

@@ -7,11 +7,9 @@ and one code path reads them: there is no `if family == ...` in the forward pass
 References for every numerical detail: HF transformers `models/gemma{,2,3}/modeling_*.py` and
 google-deepmind/gemma_pytorch `gemma/model.py`.
 """
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -59,6 +57,7 @@ class GemmaConfig:
     sandwich_norm: bool = False  # Gemma 2/3: norms after attention/MLP and before MLP
     attention_bias: bool = False
     rms_norm_eps: float = 1e-6
+    eos_token_ids: list = field(default_factory=list)  # where `generate` stops by default, as HF's generate
     hf_config: dict = field(default_factory=dict, repr=False)  # the original config.json, saved back as is
 
     @classmethod
@@ -94,7 +93,7 @@ class GemmaConfig:
                 query_pre_attn_scalar=cfg.get("query_pre_attn_scalar"),
                 attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"),
                 attention_bias=cfg.get("attention_bias", False), rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                hf_config=cfg, **FAMILIES[model_type])
+                eos_token_ids=weights.id_list(cfg.get("eos_token_id")), hf_config=cfg, **FAMILIES[model_type])
         except KeyError as e:
             raise ValueError(f"{source}: missing field {e.args[0]!r} for a {model_type} config") from None
 
@@ -125,151 +124,6 @@ def _rope_params(cfg, model_type):
     full = params["full_attention"]
     scale = full.get("factor", 1.0) if full.get("rope_type", full.get("type")) == "linear" else 1.0
     return {k: float(p["rope_theta"]) for k, p in params.items()}, float(scale)
-
-
-# PyTorch hands fp32 matmuls on a CPU to MKL, which runs its AVX2 code on AMD CPUs: 0.20 TFLOP/s on
-# the two Zen 4 cores here, where oneDNN (also inside PyTorch, which runs bf16 matmuls through it)
-# runs AVX-512 at 0.46, and 2.4-2.7x MKL's speed on the LM head of a decode step (docs/BENCHMARKS.md).
-# `mm_t` and `linear` send CPU fp32 matmuls there; everything else (CUDA, bf16, autocast, compiled
-# code, a build without oneDNN) takes PyTorch's usual path, except decode steps' packed weights
-# (`decode_weights`, fp32 and bf16, in compiled blocks too: `packed_linear`).
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def on_onednn(*tensors, dtypes=(torch.float32,)):
-    """Whether a product of these tensors goes to oneDNN: CPU fp32 (`decode_weights` packs bf16
-    too), outside autocast and outside torch.compile (inductor cannot lower this op with an
-    unpacked weight; it picks its own GEMM; packed weights go through `packed_linear`)."""
-    return ONEDNN and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling() and all(
-        t.device.type == "cpu" and t.dtype in dtypes for t in tensors)
-
-
-def mm_t(a, b):
-    """a @ b.T: (m, k), (n, k) -> (m, n). Either may be a transposed view; oneDNN first copies a
-    transposed `a` to row-major (the weight gradients' g.T: ~0.9 s of a CPU SFT step, most of it the
-    LM head's (C, 262k) g), still far cheaper than MKL's GEMM, which reads transposes in place."""
-    if on_onednn(a, b):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # oneDNN's fp32 GEMM
-    return a @ b.T
-
-
-def linear(x, weight, bias=None, packed=None):
-    """F.linear, with CPU fp32 products (forward and both gradients) through `mm_t`. packed:
-    oneDNN's blocked copy of `weight` (see `decode_weights`), read when no gradient is needed."""
-    if packed is not None and not torch.is_grad_enabled():
-        return packed_linear(x, packed, bias)
-    if not on_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return LinearFn.apply(x, weight, bias)
-    return onednn_linear(x, weight, bias)  # inference: no autograd node
-
-
-def onednn_linear(x, weight, bias):  # (..., k), (n, k), (n,) or None -> (..., n)
-    y = mm_t(x.reshape(-1, x.shape[-1]), weight)  # (m, n)
-    y = y if bias is None else y.add_(bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-@torch.library.custom_op("nanogsm::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x @ weight.T (+ bias) from oneDNN's blocked copy of the weight (`decode_weights`):
-    (..., k), packed (n, k) -> (..., n). An op of its own so that torch.compile calls it as it is,
-    between the fused kernels of a compiled block: inductor's own lowering of the oneDNN op
-    rejects a packed weight that is an input rather than a constant of the graph."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@packed_linear.register_fake
-def _(x, packed, bias):  # the output's shape, for tracing
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
-
-
-class Linear(nn.Linear):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # The copies `decode_weights` sets are instance attributes from the start: torch.compile
-        # guards on whether the instance has one, and would compile the blocks again otherwise.
-        self.packed = None  # oneDNN's blocked copy of the weight, while `decode_weights` is active
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias, self.packed)
-
-
-class LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # (..., k), (n, k), (n,) or None
-        ctx.save_for_backward(x, weight)
-        return onednn_linear(x, weight, bias)  # (..., n)
-
-    @staticmethod
-    def backward(ctx, grad_y):  # (..., n)
-        x, weight = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])  # (m, n)
-        need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = mm_t(g, weight.T).view(x.shape) if need_x else None  # (m, n) @ (n, k)
-        grad_w = mm_t(g.T, x.reshape(-1, x.shape[-1]).T) if need_w else None  # (n, m) @ (m, k)
-        grad_b = g.sum(0) if need_b else None
-        return grad_x, grad_w, grad_b
-
-
-def project(x, linears, fused):
-    """[m(x) for m in linears], from one product when `fused` holds their weights concatenated,
-    (weight, bias, packed), as `decode_weights` sets them for decode steps. (The fused copy passes
-    no gradient to the weights: with gradients on, the separate products.)"""
-    if fused is None or torch.is_grad_enabled():
-        return [m(x) for m in linears]
-    return linear(x, *fused).split([m.weight.shape[0] for m in linears], -1)
-
-
-@contextlib.contextmanager
-def decode_weights(model, rows, greedy=False):
-    """Weights laid out for decode steps while active. `generate` holds it for a whole call (its
-    decode steps, and the prefills of rows taking prompts), and the copies are dropped on exit:
-    they cannot go stale when the weights change between calls (PPO trains them).
-    - Fused: each layer's q, k and v weights as one tensor, gate and up as one, so a step makes
-      4 products a layer instead of 7. At batch 1 on a GPU the small q/k/v products are launch-
-      and latency-bound (~5 µs each for 1-8 MiB of gemma-2b weights, docs/BENCHMARKS.md).
-      Projections with LoRA adapters keep their own products.
-    - Packed, on this CPU (fp32 or bf16 weights, not under autocast): every weight
-      reordered once into oneDNN's blocked layout for products of `rows` rows, instead of inside
-      every product; a batch-16 step of Gemma 3 270M here is ~25% faster in fp32, evaluate.py's
-      job 17% in bf16. (A prefill's thousands of rows lose nothing, measured.)
-    - greedy=True (fp32 weights packed): the head is packed in bf16 instead, with the largest norm
-      of its rows (`model.screen`), for `screened_argmax` in nanogsm/generate.py.
-    Under autocast the fused copies are made in its dtype, the values autocast would cast the
-    weights to: they are not cast again in every step (autocast caches only its casts of
-    parameters). The cost: a second copy of the fused weights (on this CPU the blocked copies of all
-    weights, not the concatenations)."""
-    device = model.embed_tokens.weight.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    pack = on_onednn(model.embed_tokens.weight, dtypes=(torch.float32, torch.bfloat16))
-    layout = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows) if pack else None  # noqa: E731
-    groups = [(b.self_attn, "qkv", [b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj]) for b in model.layers]
-    groups += [(b.mlp, "gate_up", [b.mlp.gate_proj, b.mlp.up_proj]) for b in model.layers]
-    groups = [g for g in groups if all(type(m) is Linear for m in g[2])]  # not under LoRA adapters
-    grouped = {id(m) for _, _, linears in groups for m in linears}
-    singles = [m for m in model.modules() if isinstance(m, Linear) and id(m) not in grouped]
-    try:
-        for owner, name, linears in groups:
-            w = torch.cat([m.weight for m in linears]).to(dtype)  # (sum of outs, in); dtype None: as is
-            b = None if linears[0].bias is None else torch.cat([m.bias for m in linears]).to(dtype)
-            packed = layout(w)
-            setattr(owner, name, (w if packed is None else None, b, packed))  # packed: only it is read
-        for m in singles:
-            m.packed = layout(m.weight)
-        head = model.embed_tokens.weight
-        if greedy and pack and head.dtype == torch.float32:
-            model.screen = (layout(head.bfloat16()), head.norm(dim=-1).max().item())
-        else:
-            model.packed_head = layout(head)
-        yield
-    finally:
-        for owner, name, _ in groups:
-            setattr(owner, name, None)
-        for m in singles:
-            m.packed = None
-        model.packed_head = model.screen = None
 
 
 class RMSNorm(nn.Module):
@@ -308,15 +162,14 @@ def apply_rope(x, cos, sin):
 class Attention(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
-        self.qkv = None  # q, k, v weights as one (weight, bias, packed), while `decode_weights` is active
         self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
         self.softcap = cfg.attn_softcap
         bias = cfg.attention_bias
-        self.q_proj = Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
-        self.k_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
-        self.v_proj = Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
-        self.o_proj = Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
@@ -324,7 +177,7 @@ class Attention(nn.Module):
         """kv: this layer's cache (keys, values), each (B, nkv, max_len, hd); the new keys and values
         are written at `slots` (T,), and attention reads the first S slots, S = mask.shape[-1]."""
         B, T, _ = x.shape
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), self.qkv)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, nh*hd), (B, T, nkv*hd) x2
         q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
@@ -346,16 +199,11 @@ class Attention(nn.Module):
         """Attention as two matmuls; query heads are grouped per kv head with a view, so K/V are
         never repeated in memory. Gemma 2 needs it: scores -> cap * tanh(scores / cap) before the
         mask, which no fused kernel allows. A decode step (T = 1) uses it too: there the fused CPU
-        kernel gains nothing and in bf16 is ~8x slower than these two matmuls (measured). On the
-        CPU a decode step's scores are K (S, hd) @ q^T, keys as rows: the same products, but bmm
-        streams the cache from memory twice as fast that way (docs/BENCHMARKS.md)."""
+        kernel gains nothing, and in bf16 it is far slower than these two matmuls (docs/BENCHMARKS.md)."""
         B, _, T, hd = q.shape
         S, g = k.shape[2], self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, g * T, hd)  # (B, nkv, g*T, hd): the g query heads of each kv head
-        if T == 1 and q.device.type == "cpu":  # a decode step on the CPU: keys as rows (above)
-            scores = (k @ q.transpose(-1, -2)).transpose(-1, -2)  # (B, nkv, S, g) -> (B, nkv, g, S)
-        else:
-            scores = q @ k.transpose(-1, -2)  # (B, nkv, g*T, S)
+        scores = q @ k.transpose(-1, -2)  # (B, nkv, g*T, S)
         scores = scores.view(B, self.n_kv, g, T, S) * self.scale  # (B, nkv, g, T, S)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
@@ -370,14 +218,12 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
-        self.gate_up = None  # gate and up weights as one (weight, bias, packed), while `decode_weights` is active
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = project(x, (self.gate_proj, self.up_proj), self.gate_up)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -399,20 +245,11 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated keys and values, filled left to right: per layer k[i] and v[i], each
-    (B, n_kv, max_len, hd). One tensor per layer, not one for all: a compiled block writes its
-    slot in place, where torch.compile would copy a slice of a larger tensor whole and back.
-
-    `valid` marks which slots hold real tokens (padding, a row's slots before its prompt and slots
-    not yet written are False), so positions and masks follow from it; `pos`, a 0-d tensor on the
-    cache's device, is the next free slot. A static cache has attention read all max_len slots
-    under the mask, so every decode step has the same shapes and reads no value back to the host:
-    on CUDA, `generate` records one step as a CUDA graph and replays it, and compiled blocks
-    compile once. Otherwise (on the CPU, where reading `pos` costs nothing) attention reads only
-    the slots written so far: with GSM8K prompts and answers, a third less attention work in a
-    decode step (docs/BENCHMARKS.md); compiled blocks then compile once more, for any number of slots.
-    It lives here because `Gemma.forward` reads it; `generate.py` drives it.
-    """
+    """Preallocated keys and values, per layer k[i] and v[i], each (B, n_kv, max_len, hd), filled left
+    to right; `valid` (B, max_len) marks slots holding real tokens (positions and masks follow from
+    it); `pos`, a 0-d tensor on the cache's device, is the next free slot. A static cache has
+    attention read all slots under the mask (fixed shapes, no read-back: a step can be replayed as a
+    CUDA graph, nanogsm/cuda_graph.py); otherwise attention reads only the slots written so far."""
 
     def __init__(self, cfg: GemmaConfig, batch_size, max_len, device, dtype, static=True):
         shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -426,28 +263,26 @@ class KVCache:
         """How many slots attention reads when T new tokens are written: S in (B, nkv, S, hd)."""
         return self.valid.shape[1] if self.static else int(self.pos) + T
 
-    def keep(self, rows):
-        """Keep only these batch rows (a LongTensor of indices), e.g. when others finished."""
-        self.k, self.v, self.valid = [k[rows] for k in self.k], [v[rows] for v in self.v], self.valid[rows]
 
-    def place(self, rows, block, lengths, end):
-        """Batch row rows[i] starts over with the first lengths[i] slots of `block`'s row i (a
-        filled KVCache), ending at slot `end`; its other slots turn invalid. In place: a recorded
-        CUDA graph keeps reading these tensors."""
-        self.valid[rows] = False
-        for i, (row, n) in enumerate(zip(rows, lengths)):
-            self.valid[row, end - n:end] = True
-            for mine, theirs in zip(self.k + self.v, block.k + block.v):
-                mine[row, :, end - n:end] = theirs[i, :, :n]  # (nkv, n, hd)
+class LMHead(nn.Module):
+    """The tied head, logits = h @ E^T, then Gemma 2's final soft-cap cap * tanh(z / cap). No parameters
+    (the weight is the embedding, passed in): a module only so that nanogsm/cpu.py can swap it."""
 
-    def shift(self, n):
-        """Move every slot n to the left, dropping the first n (no row still decoding may hold
-        one): room at the end for more steps. Positions follow the valid slots, so they stay."""
-        for t in self.k + self.v:
-            t[:, :, :-n] = t[:, :, n:].clone()  # (B, nkv, max_len - n, hd)
-        self.valid[:, :-n] = self.valid[:, n:].clone()
-        self.valid[:, -n:] = False
-        self.pos -= n
+    def __init__(self, softcap=None):
+        super().__init__()
+        self.softcap = softcap
+
+    def forward(self, h, weight):  # (..., d), (V, d) -> (..., V)
+        z = self.mm_t(h.reshape(-1, h.shape[-1]), weight).view(*h.shape[:-1], weight.shape[0])
+        return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
+
+    def argmax(self, h, weight):
+        """The greedy tokens (b,) for hidden states h (b, d)."""
+        return self(h, weight).argmax(-1)
+
+    def mm_t(self, a, b):
+        """a @ b.T: (m, k), (n, k) -> (m, n); also the head's products in the fused losses (`HeadLoss`)."""
+        return a @ b.T
 
 
 class Gemma(nn.Module):
@@ -458,24 +293,21 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.grad_checkpointing = False  # recompute each block's activations in backward
-        self.compiled = False  # compile_blocks() was called (the training loss then compiles its head too)
-        self.packed_head = None  # oneDNN's blocked copy of the tied head, while `decode_weights` is active
-        self.screen = None  # its bf16 copy and largest row norm, while `decode_weights(greedy=True)` is active
+        self.head = LMHead(cfg.final_softcap)  # tied to embed_tokens: holds no weights of its own
 
     def forward(self, input_ids, pad_mask=None, cache=None, last_only=False, head=True):
         """input_ids (B, T) -> logits (B, T, vocab).
 
         pad_mask (B, T), optional: False on padding tokens, which no query attends to.
-        cache: a KVCache; the new tokens take its next T slots and attend to all earlier ones (the
-        forward reads no value back to the host, so a decode step can be recorded as a CUDA graph).
-        last_only: logits of the last position only, (B, 1, vocab): a prefill needs no more, and
-        full logits over Gemma's 256k vocabulary are the largest tensor of the whole forward.
-        head=False: return the final hidden states (B, T, d) instead; `logits(h)` applies the head
-        (training computes the loss from them in chunks, never holding all logits).
+        cache: a KVCache; the new tokens take its next T slots and attend to all earlier ones.
+        last_only: the last position only, (B, 1, ...): a prefill needs no more (full logits over
+        Gemma's 256k vocabulary are the largest tensor of the whole forward).
+        head=False: the final hidden states (B, T, d) instead; `logits(h)` applies the head
+        (the training losses apply it in chunks, never holding all logits).
         Positions count the real tokens before each one, so left-padded rows start at 0.
         """
         cfg, (B, T) = self.config, input_ids.shape
-        S = None if cache is None else cache.read_len(T)  # read here: compiled code would break its graph at `pos`
+        S = None if cache is None else cache.read_len(T)  # read once here, outside the blocks
         slots, masks, rope = self.attention_inputs(B, T, input_ids.device, pad_mask, cache, S)
         x = self.embed_tokens(input_ids)  # (B, T, d)
         # sqrt(d) is rounded to the activation dtype before multiplying, as in the reference.
@@ -496,7 +328,7 @@ class Gemma(nn.Module):
         """What every layer of a forward over T new tokens reads: their cache slots (T,), and per
         layer type the attention mask (B, 1, T, S), or None for plain causal attention, and the
         rope tables (cos, sin); S: the cache slots attention reads (`KVCache.read_len`), or None
-        without a cache. ~40 small kernels in a decode step; compiled blocks compile it too."""
+        without a cache."""
         cfg = self.config
         new_valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
         if cache is None:
@@ -514,9 +346,8 @@ class Gemma(nn.Module):
         # A padding query sees no valid key; let it see itself so softmax stays finite (output unused).
         masks = {t: m | (k_slot == q_slot) for t, m in masks.items()}
         if cache is None and pad_mask is None and cfg.attn_softcap is None and T > 1:
-            # Plain causal attention (training: right padding never reaches a real token). Without a
-            # mask tensor SDPA can take its flash kernel on CUDA, which shares K/V across query heads
-            # (GQA) without repeating them; a mask tensor rules flash out (2x the attention time).
+            # Plain causal attention (training: right padding never reaches a real token): without a
+            # mask tensor SDPA can take its flash kernel on CUDA (a mask tensor rules it out).
             masks["full_attention"] = None
         params = {t: (theta, cfg.rope_scale if t == "full_attention" else 1.0) for t, theta in cfg.rope_theta.items()}
         tables = {p: rope_cos_sin(positions, cfg.head_dim, *p) for p in set(params.values())}  # once if the types share it
@@ -524,17 +355,14 @@ class Gemma(nn.Module):
 
     def logits(self, h):
         """Tied LM head (and Gemma 2's final soft-cap): (..., d) -> (..., vocab)."""
-        logits = linear(h, self.embed_tokens.weight, packed=self.packed_head)  # (..., vocab)
-        cap = self.config.final_softcap
-        return logits if cap is None else torch.tanh(logits / cap) * cap
-
-    # ---- checkpoints -------------------------------------------------------------------------
+        return self.head(h, self.embed_tokens.weight)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=torch.float32, device="cpu"):
         """Load a local folder, a .gguf file, `gemma-3-270m` (offline) or a Hub repo id."""
         folder = weights.resolve(name_or_path)
         cfg = GemmaConfig.from_json(folder / "config.json")
+        cfg.eos_token_ids = weights.generation_eos_ids(folder) or cfg.eos_token_ids  # generation_config.json first
         with torch.device("meta"):  # no random init: the weights are assigned straight from the file
             model = cls(cfg)
         expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -543,35 +371,16 @@ class Gemma(nn.Module):
         return model.eval()
 
     def save_pretrained(self, out_dir, text_files=None, tensor_files=None, state=None):
-        """Write config.json + model.safetensors (HF names), plus any extra files (tokenizer, run
-        args, optimizer state), atomically via a temp folder. `state`: tensors to write instead of
-        this module's own (the whole weights gathered from sharded training)."""
+        """Write config.json, generation_config.json (the stop ids) and model.safetensors (HF names),
+        plus any extra files (tokenizer, run args, optimizer state), atomically via a temp folder.
+        `state`: tensors to write instead of this module's own (the whole weights of sharded training)."""
         cfg = self.config
         state = {ours_to_hf(cfg, k): v for k, v in (state or self.state_dict()).items()}
         hf_config = dict(cfg.hf_config, torch_dtype=str(self.embed_tokens.weight.dtype).removeprefix("torch."))
         hf_config.pop("dtype", None)
         weights.save_folder(out_dir, {"model.safetensors": state, **(tensor_files or {})},
-                            {"config.json": json.dumps(hf_config, indent=2), **(text_files or {})})
-
-    def num_params(self):
-        return sum(p.numel() for p in self.parameters())
-
-    def compile_blocks(self):
-        """torch.compile every transformer block, in place (`--compile`): parameter names, and so
-        checkpoints, are unchanged. The cache write is compiled with the rest of the block (see
-        KVCache); on CUDA a recorded decode step holds the compiled kernels. The final norm and
-        `attention_inputs` are compiled too: in a batch-1 GPU decode step each small kernel costs
-        ~1 µs even when replayed from a CUDA graph."""
-        for block in self.layers:
-            block.compile()
-        self.norm.compile()
-        self.attention_inputs = torch.compile(self.attention_inputs)
-        # A block runs in ~10 setups in train_ppo.py (prefill, decode steps with fused weights,
-        # scoring, training with checkpointing, the frozen reference...), past dynamo's default of 8
-        # compiled variants a function; past it, it runs eager, and a checkpointed block's
-        # recompute can then take another path than its forward (a CheckpointError).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        self.compiled = True
+                            {"config.json": json.dumps(hf_config, indent=2), "generation_config.json":
+                             json.dumps({"eos_token_id": cfg.eos_token_ids}, indent=2), **(text_files or {})})
 
 
 def hf_to_ours(cfg: GemmaConfig):

@@ -9,7 +9,6 @@ Ouyang et al. 2022 (per-token KL penalty in the reward); Shao et al. 2024 (GRPO)
 import torch
 import torch.distributed as dist
 
-from nanogsm.model import mm_t
 from nanogsm.train import rank_world
 
 
@@ -146,7 +145,7 @@ def score_responses(model, value_head, input_ids, resp_pos, resp_tokens, chunk=1
     if not torch.is_grad_enabled():  # scoring: detached inputs tell HeadScore to keep nothing for backward
         h, weight = h.detach(), weight.detach()
     logprobs, entropies = HeadScore.apply(h.flatten(0, 1), weight, resp_tokens.flatten(), model.config.final_softcap,
-                                          chunk)
+                                          chunk, model.head.mm_t)
     values = value_head(h) if value_head is not None else torch.zeros_like(h[..., 0], dtype=torch.float32)
     return logprobs.view(resp_tokens.shape), values, entropies.view(resp_tokens.shape)
 
@@ -164,7 +163,7 @@ class HeadScore(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, cap, chunk):
+    def forward(ctx, hidden, weight, targets, cap, chunk, mm_t):
         logprobs, entropies, ctx.logps, ctx.lses = [], [], [], []
         for i in range(0, len(targets), chunk):
             h, t = hidden[i:i + chunk], targets[i:i + chunk]
@@ -182,7 +181,7 @@ class HeadScore(torch.autograd.Function):
                 ctx.logps.append(logp)
                 ctx.lses.append(top + e_sum.log())  # logits = logp + lse, for the soft-cap's derivative
         entropies = torch.cat(entropies)
-        ctx.cap, ctx.chunk = cap, chunk
+        ctx.cap, ctx.chunk, ctx.mm_t = cap, chunk, mm_t
         ctx.save_for_backward(hidden, weight, targets, entropies)
         return torch.cat(logprobs), entropies
 
@@ -201,13 +200,13 @@ class HeadScore(torch.autograd.Function):
             if cap is not None:  # logits = cap tanh(z / cap): dlogits/dz = 1 - (logits / cap)^2
                 g *= 1 - ((logp + lse) / cap) ** 2
             g = g.to(ctx.mm_dtype)
-            grad_h[sl] = mm_t(g, w.T)  # (C, d)
+            grad_h[sl] = ctx.mm_t(g, w.T)  # (C, d)
             if ctx.needs_input_grad[1]:
-                part = mm_t(g.T, hidden[sl].to(ctx.mm_dtype).T).float()  # (V, d)
+                part = ctx.mm_t(g.T, hidden[sl].to(ctx.mm_dtype).T).float()  # (V, d)
                 grad_w = part if grad_w is None else grad_w.add_(part)
         ctx.logps = ctx.lses = None
         grad_h = grad_h.to(hidden.dtype) if ctx.needs_input_grad[0] else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_kind="k1"):

@@ -1,11 +1,16 @@
-"""Small reporting helpers shared by the scripts: a progress bar, confidence intervals, McNemar's
-exact test, and atomic JSONL writing."""
+"""Small reporting helpers shared by the scripts: `--help`'s format, a progress bar, confidence
+intervals, McNemar's exact test, and atomic JSONL writing."""
+import argparse
 import json
 import math
 import os
 import sys
 import time
 from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout (its usage examples) and shows every flag's default."""
 
 
 def progress(items, total=None, desc=""):

@@ -19,7 +19,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from nanogsm import weights
 from nanogsm.gsm8k import evaluate, load_gsm8k, seeded_subset
-from nanogsm.model import mm_t
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -93,6 +92,7 @@ def sft_arguments(parser):
     add("--grad-checkpointing", action="store_true", help="recompute activations in backward (non-reentrant)")
     add("--compile", action="store_true", help="torch.compile every transformer block (same results; the "
                                                "first steps are slow while it compiles)")
+    add("--plain", action="store_true", help="the reference path only: no oneDNN layer on a CPU (nanogsm/cpu.py), no CUDA-graph decode steps")
     add("--seed", type=int, default=0, help="data order and init seed")
     add("--eval-every", type=int, default=0, help="every N steps: EM on --eval-n test problems")
     add("--eval-n", type=int, default=64, help="test problems (seeded subset) for --eval-every / the end; 0: none")
@@ -193,7 +193,7 @@ def sft_data(tok, args):
     return examples, micro_batches, total_steps
 
 
-def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
+def sft_step(model, optimizer, batches, device, autocast, clip, pad_id, compiled=False):
     """One optimizer step over micro-batches [(input_ids, labels)]; returns the logged numbers.
 
     The loss is normalised by the answer tokens of the whole effective batch, not per micro-batch:
@@ -209,7 +209,7 @@ def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
         if world > 1:  # FSDP: reduce-scatter the gradients once, after the rank's last micro-batch
             model.set_requires_gradient_sync(i == len(mine) - 1)
         with autocast:
-            loss = token_loss_sum(model, input_ids.to(device, non_blocking=True), labels) / n_tokens
+            loss = token_loss_sum(model, input_ids.to(device, non_blocking=True), labels, compiled=compiled) / n_tokens
         (loss * world).backward()  # FSDP averages gradients over ranks; this loss is already global
         loss_sum += loss.detach()  # no .item() here: one host-device sync per step, below
     if world > 1:
@@ -233,12 +233,12 @@ def sft_step(model, optimizer, batches, device, autocast, clip, pad_id):
     return {"loss": loss_sum, "grad_norm": grad_norm, "tok_per_s": round(seen / (time.perf_counter() - t0))}
 
 
-def eval_em(model, tok, n, data_dir=None, autocast=None):
+def eval_em(model, tok, n, data_dir=None, autocast=None, cuda_graph=True):
     """Greedy EM on the seeded test subset with the zero-shot prompt (the format SFT trains)."""
     model.eval()
     records = seeded_subset(load_gsm8k("main", "test", data_dir), n)
     with autocast or torch.autocast("cpu", enabled=False):
-        rows = evaluate(model, tok, records, "zero-shot", batch_size=16, max_new_tokens=256)
+        rows = evaluate(model, tok, records, "zero-shot", batch_size=16, max_new_tokens=256, cuda_graph=cuda_graph)
     model.train()
     return {"eval_em": sum(r["correct"] for r in rows) / len(rows),
             "eval_format": sum(r["extracted"] is not None for r in rows) / len(rows), "eval_n": len(rows)}
@@ -260,7 +260,7 @@ def n_target_tokens(labels):
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def token_loss_sum(model, input_ids, labels, chunk=None):
+def token_loss_sum(model, input_ids, labels, chunk=None, compiled=False):
     """Sum (not mean) of next-token cross-entropy over labelled tokens, in fp32. Callers divide by
     the labelled-token count of the whole effective batch.
 
@@ -268,9 +268,9 @@ def token_loss_sum(model, input_ids, labels, chunk=None):
     of them at a time. With Gemma's 256k vocabulary, full fp32 logits (and their gradient) would
     be the largest tensors of the step (8 x 512 x 256k x 4 bytes = 4 GiB each). A chunk's fp32
     logits take chunk x 1 MiB: 1024 positions by default; 4096 on a GPU when the head itself is
-    trained (full SFT), where each chunk adds its fp32 (vocab, d) head gradient into the total:
-    8% of a gemma-2b step at 1024 (docs/BENCHMARKS.md). After `model.compile_blocks()` (--compile)
-    a chunk's softmax arithmetic is compiled too.
+    trained (full SFT), where each chunk adds its fp32 (vocab, d) head gradient into the total
+    (fewer, larger additions: docs/BENCHMARKS.md#gpu). compiled=True (`--compile`): a chunk's
+    softmax arithmetic through torch.compile too. The head's products are `model.head.mm_t`.
 
     Labels may stay on the CPU (the training loop keeps them there): the labelled positions are
     then found on the host, and the step never waits for the device to count them.
@@ -283,8 +283,9 @@ def token_loss_sum(model, input_ids, labels, chunk=None):
     if not torch.is_grad_enabled():  # evaluation: detached inputs tell HeadLoss to skip the gradients
         hidden, weight = hidden.detach(), weight.detach()
     chunk = chunk or (4096 if hidden.is_cuda and weight.requires_grad else 1024)
-    xent = compiled_chunk_cross_entropy() if model.compiled else chunk_cross_entropy
-    return HeadLoss.apply(hidden[keep], weight, targets[keep], model.config.final_softcap, chunk, xent)
+    xent = compiled_chunk_cross_entropy() if compiled else chunk_cross_entropy
+    return HeadLoss.apply(hidden[keep], weight, targets[keep], model.config.final_softcap, chunk, xent,
+                          model.head.mm_t)
 
 
 class HeadLoss(torch.autograd.Function):
@@ -293,11 +294,11 @@ class HeadLoss(torch.autograd.Function):
     them: no logits are kept and none are recomputed).
 
     Per chunk, z = h W^T (C, V); `xent` (`chunk_cross_entropy`, compiled or not) gives the chunk's
-    loss and g = dloss/dz; then dloss/dh = g W and dloss/dW = g^T h.
+    loss and g = dloss/dz; then dloss/dh = g W and dloss/dW = g^T h; mm_t(a, b) = a @ b.T.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, cap, chunk, xent):  # (N, d), (V, d), (N,)
+    def forward(ctx, hidden, weight, targets, cap, chunk, xent, mm_t):  # (N, d), (V, d), (N,)
         need_h, need_w = ctx.needs_input_grad[:2]
         grad_h = torch.zeros_like(hidden, dtype=torch.float32) if need_h else None
         grad_w = None  # (V, d) fp32: the first chunk's product, later ones added to it
@@ -320,7 +321,7 @@ class HeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_h = grad_h * grad_total if grad_h is not None else None
         grad_w = grad_w * grad_total if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def chunk_cross_entropy(z, targets, cap, need_grad):
@@ -337,7 +338,7 @@ def chunk_cross_entropy(z, targets, cap, need_grad):
     rows = torch.arange(len(targets), device=targets.device)
     target_logit = z[rows, targets]  # (C,)
     # logsumexp and softmax in z's own memory (HeadLoss does not use z again): on a CPU each new
-    # (C, V) tensor costs more than the pass that fills it (docs/BENCHMARKS.md, Changes).
+    # (C, V) tensor costs more than the pass that fills it (docs/BENCHMARKS.md#cpu-layer).
     top = z.amax(-1, keepdim=True)  # (C, 1)
     e = z.sub_(top).exp_()  # (C, V): exp(logits - max)
     e_sum = e.sum(-1, keepdim=True)  # (C, 1)
@@ -354,8 +355,7 @@ def chunk_cross_entropy(z, targets, cap, need_grad):
 @functools.cache  # made on first use: torch.compile imports its compiler (~0.65 s) for every script
 def compiled_chunk_cross_entropy():
     """chunk_cross_entropy through torch.compile. Compiled, its ~8 passes over fp32 logits become one
-    kernel that reads the bf16 logits (an online max and sum, then g written): gemma-2b step on an
-    H200 -8% (docs/BENCHMARKS.md)."""
+    kernel that reads the bf16 logits (an online max and sum, then g written; docs/BENCHMARKS.md#gpu)."""
     return torch.compile(chunk_cross_entropy)
 
 
@@ -416,7 +416,7 @@ def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metric
                     extra_tensors=None):
     """An HF-style folder: config.json, model.safetensors, the tokenizer files of the source
     checkpoint, args.json, metrics.json; plus optimizer.safetensors and trainer_state.json to
-    resume. With `adapter` (tensors, config): adapter.safetensors + adapter_config.json instead of
+    resume. With `adapter` (tensors, config): PEFT's adapter_model.safetensors + adapter_config.json instead of
     the full model; extra_tensors: more safetensors files (name -> state). Written to a temp folder
     and renamed, so a crash never leaves half a checkpoint. Under torchrun every rank calls it: the
     shards are gathered into whole tensors, rank 0 writes the same single folder as one process."""
@@ -439,7 +439,7 @@ def save_checkpoint(out_dir, model, source_folder, args, step, optimizer, metric
     else:
         state, config = adapter
         texts["adapter_config.json"] = json.dumps(config, indent=2)
-        weights.save_folder(out_dir, {"adapter.safetensors": state, **tensors}, texts)
+        weights.save_folder(out_dir, {"adapter_model.safetensors": state, **tensors}, texts)
 
 
 def flatten_optimizer(optimizer):

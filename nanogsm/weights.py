@@ -63,6 +63,17 @@ def download(repo_id) -> Path:
                          f"{OFFLINE_MODEL!r} or a local folder") from None
 
 
+def id_list(ids):
+    """A config's token id field (an int, a list or None) as a list."""
+    return [] if ids is None else list(ids) if isinstance(ids, list) else [ids]
+
+
+def generation_eos_ids(folder: Path) -> list:
+    """generation_config.json's eos_token_id (what HF's generate stops at), or [] without one."""
+    path = Path(folder) / "generation_config.json"
+    return id_list(json.loads(path.read_text()).get("eos_token_id")) if path.is_file() else []
+
+
 # ---- safetensors -----------------------------------------------------------------------------
 
 def safetensors_files(folder: Path) -> list:
@@ -152,7 +163,6 @@ def gguf_to_folder(gguf_path: Path) -> Path:
         return out
     import gguf
     import numpy as np
-    from nanogsm.tokenizer import tokenizer_from_gguf
 
     try:
         reader = gguf.GGUFReader(gguf_path)
@@ -193,3 +203,52 @@ def gguf_to_folder(gguf_path: Path) -> Path:
                                                     "tokenizer.json": tokenizer_json,
                                                     "tokenizer_config.json": json.dumps(tok_config, indent=2)})
     return out
+
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+def tokenizer_from_gguf(reader):
+    """Rebuild Gemma's byte-fallback BPE (as HF's GemmaTokenizer builds it) from a GGUF reader.
+
+    The GGUF holds tokens, scores and token types but no merges. Merges are every split of a token
+    into two vocabulary pieces, ranked by the token's position in the vocabulary (Gemma's scores do
+    not follow merge order; HF's GGUF converter ranks the same way). Tokens of two or more spaces
+    are stored as real spaces, but the model looks them up as '▁' runs: respell them first.
+    Returns (tokenizer.json text, dict of special ids and vocab size).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    fields = reader.fields
+    tokens = [t if not (t and t.strip() == "" and " " in t) else "▁" * len(t)
+              for t in fields["tokenizer.ggml.tokens"].contents()]
+    types = fields["tokenizer.ggml.token_type"].contents()
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(BPE(vocab=vocab, merges=bpe_merges(vocab), fuse_unk=True, unk_token="<unk>",
+                          byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # Control tokens (<bos>, <start_of_turn>, ...) are special; user-defined ones (e.g. runs of
+    # newlines, <unusedN>) are matched whole in text. Both bypass the normalizer.
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                            for t, ty in zip(tokens, types) if ty == CONTROL])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False)
+                    for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    special_id = lambda key: int(fields[f"tokenizer.ggml.{key}"].contents())  # noqa: E731
+    special = {"bos": special_id("bos_token_id"), "eos": special_id("eos_token_id"),
+               "pad": special_id("padding_token_id"), "vocab_size": len(tokens)}
+    return tok.to_str(), special
+
+
+def bpe_merges(vocab: dict) -> list:
+    """All (left, right) splits of each token into two vocabulary pieces, best first: by the token's
+    rank (earlier = better), then longer left piece, then longer right piece."""
+    merges = []
+    for token, rank in vocab.items():
+        splits = [(token[:j], token[j:]) for j in range(1, len(token)) if token[:j] in vocab and token[j:] in vocab]
+        splits.sort(key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+        merges += [(rank, left, right) for left, right in splits]
+    merges.sort(key=lambda m: (-m[0], len(m[1]), len(m[2])), reverse=True)
+    return [(left, right) for _, left, right in merges]

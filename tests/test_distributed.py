@@ -39,7 +39,7 @@ def assert_same_run(a, b, weights):
 
 
 @pytest.mark.parametrize("script, weights", [("train_sft.py", "model.safetensors"),
-                                             ("train_lora.py", "adapter.safetensors")])
+                                             ("train_lora.py", "adapter_model.safetensors")])
 def test_two_ranks_equal_one_process(script, weights, tiny_with_tokenizer, tmp_path, data_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     launch(script, 1, one, tiny_with_tokenizer, data_dir)
@@ -52,7 +52,7 @@ def test_two_ranks_equal_one_process(script, weights, tiny_with_tokenizer, tmp_p
 
 @pytest.mark.parametrize("script, weights, first, then", [("train_sft.py", "model.safetensors", 2, 1),
                                                           ("train_sft.py", "model.safetensors", 1, 2),
-                                                          ("train_lora.py", "adapter.safetensors", 2, 1)])
+                                                          ("train_lora.py", "adapter_model.safetensors", 2, 1)])
 def test_checkpoint_resumes_on_another_number_of_ranks(script, weights, first, then, tiny_with_tokenizer, tmp_path,
                                                        data_dir):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -82,6 +82,18 @@ def test_compile_gives_the_eager_completions(tmp_path, tiny_with_tokenizer, data
     assert rows[0] == rows[1] and len(rows[0]) == 3
 
 
+def test_plain_gives_the_completions_of_the_speed_layers(tmp_path, tiny_with_tokenizer, data_dir):
+    """--plain (no nanogsm/cpu.py, no CUDA graphs): the same greedy completions, the calculator on."""
+    rows = {}
+    for flag in ([], ["--plain"]):
+        out = tmp_path / f"run{len(flag)}.jsonl"
+        result = run("--model", str(tiny_with_tokenizer), "--n", "4", "--max-new-tokens", "12", "--calculator",
+                     "--out", str(out), *flag, data_dir=data_dir)
+        assert result.returncode == 0, result.stderr
+        rows[len(flag)] = [json.loads(line)["completion"] for line in out.read_text().splitlines()]
+    assert rows[0] == rows[1] and len(rows[0]) == 4
+
+
 def test_answer_loss_equals_hf_loss_on_the_gold_answers(tiny_with_tokenizer, data_dir):
     import transformers
     from nanogsm.tokenizer import Tokenizer

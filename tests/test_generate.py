@@ -4,9 +4,11 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from conftest import FAMILIES, WINDOW, tiny_hf_config
-from nanogsm.generate import chunked_topk, draws, generate, hash_seed, sample, screened_argmax
-from nanogsm.model import ONEDNN, Gemma, GemmaConfig, KVCache, decode_weights
+from conftest import FAMILIES, WINDOW
+import nanogsm.generate as engine
+from nanogsm.compile import compile_blocks
+from nanogsm.generate import draws, generate, generate_naive, hash_seed, inverse_cdf, sample
+from nanogsm.model import Gemma, KVCache
 
 PROMPTS = [[2, 17, 33, 9, 100, 41, 7], [2, 5, 6], [2, 200, 1 + 7, 90, 13]]
 QUEUE = PROMPTS + [[2, 8, 8, 8], [2, 150, 4, 4, 4, 4, 4, 4, 4, 4], [2]]  # more prompts than rows, not longest first
@@ -23,7 +25,7 @@ def test_greedy_equals_hf_generate_past_the_window(family, hf_checkpoint):
     hf, folder = hf_checkpoint(family)
     model = Gemma.from_pretrained(folder)
     n = 3 * WINDOW  # runs well past the sliding window
-    ours = generate(model, PROMPTS, max_new_tokens=n)
+    ours = generate(model, PROMPTS, max_new_tokens=n, stop_ids=())  # HF below: eos_token_id=None
     for prompt, row in zip(PROMPTS, ours):
         assert row == hf_greedy(hf, prompt, n)
 
@@ -51,7 +53,7 @@ def test_continuous_batching_equals_each_alone(family, prompts, hf_checkpoint, m
     alone = [generate(model, [p], n, stop_ids=stop, return_logprobs=True) for p in prompts]
     assert len({len(tokens[0]) for tokens, _ in alone}) >= 2
     shifts, done = [], []
-    monkeypatch.setattr(KVCache, "shift", lambda self, k, shift=KVCache.shift: (shifts.append(k), shift(self, k)))
+    monkeypatch.setattr(engine, "shift", lambda cache, k, shift=engine.shift: (shifts.append(k), shift(cache, k)))
     tokens, logprobs = generate(model, prompts, n, stop_ids=stop, return_logprobs=True, batch_size=2,
                                 on_finish=done.append)
     assert tokens == [t[0] for t, _ in alone]
@@ -60,23 +62,18 @@ def test_continuous_batching_equals_each_alone(family, prompts, hf_checkpoint, m
 
 
 def test_compiled_blocks_give_the_eager_tokens(hf_checkpoint):
-    """--compile's blocks (CPU inductor here) in prefill and decode, the cache write and the fused
-    decode projections inside them (here oneDNN's packed copies): no graph break, and a second call
-    compiles nothing new."""
+    """--compile's blocks (CPU inductor here) in prefill and decode, the cache write inside them: no
+    graph break, and a second call compiles nothing new."""
     torch.compiler.reset()  # recompile budgets are per process: other tests compile these blocks too
     counters.clear()
     folder = hf_checkpoint("gemma2")[1]
     eager = generate(Gemma.from_pretrained(folder), PROMPTS, 2 * WINDOW)
     model = Gemma.from_pretrained(folder)  # compiled before its first call
-    model.compile_blocks()
+    compile_blocks(model)
     assert generate(model, PROMPTS, 2 * WINDOW) == eager
     graphs = counters["stats"]["unique_graphs"]
-    with torch.profiler.profile() as prof:
-        assert generate(model, PROMPTS, 2 * WINDOW) == eager
+    assert generate(model, PROMPTS, 2 * WINDOW) == eager
     assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
-    if ONEDNN:  # each decode step's 4 products a layer read the packed weights (and the head screen 1)
-        calls = sum(e.count for e in prof.key_averages() if e.key == "nanogsm::packed_linear")
-        assert calls >= (2 * WINDOW - 1) * 4 * model.config.num_layers
     assert all(b._compiled_call_impl is not None for b in model.layers)
 
 
@@ -108,61 +105,13 @@ def test_logprobs_equal_full_forward(hf_checkpoint, temperature):
 
 def test_stop_ids_end_rows_and_are_kept(hf_checkpoint):
     model = Gemma.from_pretrained(hf_checkpoint("gemma")[1])
-    free = generate(model, PROMPTS, max_new_tokens=12)
+    free = generate(model, PROMPTS, max_new_tokens=12, stop_ids=())  # (): no stop, not even EOS
     stop = free[0][4]  # the fifth token of row 0 becomes a stop id
     stopped = generate(model, PROMPTS, max_new_tokens=12, stop_ids=[stop])
     for row_free, row in zip(free, stopped):
         cut = row_free.index(stop) + 1 if stop in row_free else len(row_free)
         assert row == row_free[:cut]
     assert len(stopped[0]) <= 5
-
-
-@pytest.mark.parametrize("V, chunks", [(262144, 512), (4096, 512), (4000, 512), (64, 512)])
-def test_chunked_topk_is_topk(V, chunks):
-    """The top 16 through chunk maxima are torch.topk's values, ties included (bf16 logits have many),
-    and the indices point at them; with the top values crowded into one chunk, and spread."""
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(6, V, generator=g).bfloat16()
-    a[1, :40] += 10  # the best 40 in the first chunks
-    a[2] = a[2].round()  # a few distinct values: ties across chunks
-    a[3, -1] = 100  # the best in the last chunk
-    k = min(16, V)
-    top, idx = chunked_topk(a, k, chunks)
-    ref = a.topk(k, dim=-1).values
-    assert torch.equal(top, ref)
-    assert torch.equal(a.gather(-1, idx), top)
-    assert all(len(set(row)) == k for row in idx.tolist())  # k distinct indices
-
-
-@pytest.mark.skipif(not ONEDNN, reason="the screen reads a bf16 head packed for oneDNN")
-def test_screened_argmax_is_the_fp32_argmax(monkeypatch):
-    """Greedy tokens through the bf16 screen of the head are the fp32 head's argmax. Three kinds of
-    rows: near one token (the screen's top 16 hold it); near a pair of tokens 1e-4 apart, which bf16
-    logits rank at random (the exact logits of the top 16 decide); near a cluster of 40 such
-    tokens, whose best the bf16 top 16 may miss (the bound sends these rows to the fp32 head)."""
-    cfg = GemmaConfig.from_hf(dict(tiny_hf_config("gemma3_text").to_dict(), vocab_size=4096))
-    model = Gemma(cfg).eval()
-    g = torch.Generator().manual_seed(0)
-    d = cfg.hidden_size
-    with torch.no_grad():
-        w = model.embed_tokens.weight
-        w.copy_(torch.randn(w.shape, generator=g) / d ** 0.5)  # rows of norm ~1, as in Gemma
-        w[101] = w[100] + 1e-4 * torch.randn(d, generator=g)  # a pair
-        w[200:240] = w[200] + 1e-4 * torch.randn(40, d, generator=g)  # a cluster
-        near = torch.tensor([7] * 8 + [100] * 8 + [200] * 8)
-        h = 30 * w[near] + 0.3 * torch.randn(24, d, generator=g)  # (24, d): logits ~30 at the top
-        ref = model.logits(h).argmax(-1)
-        bf16 = (h.bfloat16() @ w.bfloat16().T).argmax(-1)
-        full_head = []
-        with decode_weights(model, 24, greedy=True):
-            assert model.screen is not None and model.packed_head is None
-            logits = model.logits
-            monkeypatch.setattr(model, "logits", lambda x: (full_head.append(len(x)), logits(x))[1])
-            tokens = screened_argmax(model, h)
-    assert torch.equal(tokens, ref)
-    assert (bf16[8:] != ref[8:]).sum() >= 4  # bf16 logits alone pick other tokens
-    assert full_head == [8]  # the cluster's rows, and only those
-    assert model.screen is None
 
 
 def test_seeded_sampling_is_reproducible(hf_checkpoint):
@@ -256,3 +205,35 @@ def test_top_k_and_top_p_filters():
     assert draws(top_p=0.5) == {0}
     assert draws() == {0, 1, 2, 3}
     assert sample(logits).item() == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("kw", [{}, dict(temperature=1.0), dict(temperature=0.7, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled", "top-k-top-p"])
+def test_engine_equals_naive_generate(family, kw, hf_checkpoint):
+    """The engine (cache, shared-start prefill, continuous batching over 2 rows, cache shifts)
+    against `generate_naive`, which recomputes the whole sequence for every token: the same tokens,
+    stops and log-probs, greedy and sampled with the same per-prompt draws."""
+    model = Gemma.from_pretrained(hf_checkpoint(family)[1])
+    n = 2 * WINDOW
+    stop = [generate_naive(model, [QUEUE[0]], n, seed=5, **kw)[0][3]]  # prompt 0's fourth token
+    naive, naive_lp = generate_naive(model, QUEUE, n, stop_ids=stop, seed=5, return_logprobs=True, **kw)
+    tokens, logprobs = generate(model, QUEUE, n, stop_ids=stop, seed=5, return_logprobs=True, batch_size=2, **kw)
+    assert tokens == naive
+    assert len({len(t) for t in tokens}) >= 2  # some rows stopped
+    torch.testing.assert_close(logprobs, naive_lp, atol=1e-4, rtol=0)
+
+
+def test_two_step_inverse_cdf_equals_one_running_sum():
+    """`inverse_cdf`'s chunked running sum picks the token one float64 running sum over the whole
+    vocabulary picks, masked (zero) tokens never, at u near 0, near 1 and in between."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.randn(64, 3000, generator=g).mul(3).softmax(-1)  # 3000: not a multiple of 512
+    probs[:, ::7] = 0
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    u[:2] = torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    ref = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=2999)
+    got = inverse_cdf(probs, u)
+    assert torch.equal(got, ref)
+    assert (probs.gather(-1, got[:, None]) > 0).all()

@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from nanogsm.gsm8k import (STRATEGIES, build_prompt, calculate, extract_answer, extract_last_number, is_correct,
-                           heldout_subset, load_gsm8k, seeded_subset)
+from nanogsm.calculator import calculate
+from nanogsm.gsm8k import (STRATEGIES, build_prompt, extract_answer, extract_last_number, five_shot_examples,
+                           heldout_subset, is_correct, lm_eval_match, load_gsm8k, score, seeded_subset)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -93,6 +94,46 @@ def test_prompts():
         chat = staticmethod(lambda text: f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n")
     assert build_prompt(q, "zero-shot-instruct", chat=True, tokenizer=Chat).startswith(
         "<start_of_turn>user\nYou are a helpful math assistant.")
-    assert len(STRATEGIES) == 4
+    assert len(STRATEGIES) == 6
     with pytest.raises(ValueError, match="unknown prompt strategy"):
         build_prompt(q, "two-shot")
+
+
+def test_lm_eval_prompts(data_dir):
+    """5-shot: five seeded train records with their whole gold answers; 8-shot-cot: Wei et al.'s
+    exemplars, `Q: ...\nA: ... The answer is N.`; blocks separated by blank lines."""
+    shots = five_shot_examples(data_dir)
+    assert shots == five_shot_examples(data_dir) and len(shots) == 5
+    five = build_prompt("What is 1+1?", "5-shot", shots=shots)
+    assert five.count("Question: ") == 6 and five.count("####") == 5 and five.endswith("\n\nQuestion: What is 1+1?\nAnswer:")
+    assert five.startswith(f"Question: {shots[0]['question']}\nAnswer: {shots[0]['answer']}\n\n")
+    cot = build_prompt("What is 1+1?", "8-shot-cot")
+    assert cot.startswith("Q: There are 15 trees in the grove.") and cot.count("The answer is ") == 8
+    assert cot.endswith("The answer is 8.\n\nQ: What is 1+1?\nA:")
+    with pytest.raises(ValueError, match="needs its train exemplars"):
+        build_prompt("What is 1+1?", "5-shot")
+
+
+@pytest.mark.parametrize("strategy, text, reference, found, ok", [
+    ("5-shot", "She pays 16 - 3 = 13.\n#### 13", "... #### 13", "13", True),
+    ("5-shot", "#### 1,000 dollars", "so #### 1000", "1,000", True),  # commas ignored
+    ("5-shot", "#### -5", "#### -5", "-5", True),
+    ("5-shot", "#### $5", "#### 5", None, False),  # lm-eval's strict regex wants the digits right after '#### '
+    ("5-shot", "#### 18.", "#### 18", "18.", False),  # its exact match keeps the period
+    ("5-shot", "The answer is 13.", "#### 13", None, False),
+    ("8-shot-cot", "So 5 * 4 = 20. The answer is 29.", "29", "29", True),
+    ("8-shot-cot", "The answer is 1,234.50.", "1234.50", "1,234.50", True),
+    ("8-shot-cot", "The answer is 29", "29", "2", False),  # the regex's final '.' takes a character: here the 9
+    ("8-shot-cot", "The answer is 7. The answer is 8.", "8", "7.", False),  # the first match counts
+    ("8-shot-cot", "#### 29", "29", None, False),
+])
+def test_lm_eval_extraction(strategy, text, reference, found, ok):
+    assert lm_eval_match(text, reference, strategy) == (found, ok)
+
+
+def test_lm_eval_scoring_of_a_row():
+    record = {"id": 0, "question": "q", "answer": "2 + 2 = <<2+2=4>>4\n#### 4", "gold": 4.0}
+    assert score(record, [("2 + 2 = 4. The answer is 4.", False)], "8-shot-cot")["correct"]
+    row = score(record, [("It is four.", False)], "8-shot-cot")
+    assert not row["correct"] and row["extracted"] is None and row["kind"] == "no ####"
+    assert score(record, [("2 + 2 = 4\n#### 4", False)], "5-shot")["correct"]

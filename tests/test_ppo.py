@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from nanogsm.model import LMHead
 from nanogsm.ppo import HeadScore, compute_gae, grpo_advantages, kl_penalty, policy_loss, value_loss, whiten
 
 
@@ -115,7 +116,7 @@ def check_head_score(cap, bf16, device):
 
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with autocast:
-        lp, ent = HeadScore.apply(h2, w2, targets, cap, 3)
+        lp, ent = HeadScore.apply(h2, w2, targets, cap, 3, LMHead().mm_t)
     ((a * lp).sum() + (b * ent).sum()).backward()
     assert lp.dtype == ent.dtype == torch.float32
     torch.testing.assert_close(lp, plain_lp, atol=1e-5, rtol=1e-5)
@@ -123,10 +124,10 @@ def check_head_score(cap, bf16, device):
     tol = dict(atol=2e-2, rtol=1e-2) if bf16 else dict(atol=1e-5, rtol=1e-5)  # bf16: one rounding apart
     torch.testing.assert_close(h2.grad, h1.grad, **tol)
     torch.testing.assert_close(w2.grad, w1.grad, **tol)
-    uniform = HeadScore.apply(torch.zeros(2, d, device=device), weight, targets[:2], cap, 3)[1]
+    uniform = HeadScore.apply(torch.zeros(2, d, device=device), weight, targets[:2], cap, 3, LMHead().mm_t)[1]
     assert uniform.tolist() == pytest.approx([math.log(V)] * 2)
     with torch.no_grad(), autocast:  # scoring: the same values
-        torch.testing.assert_close(HeadScore.apply(hidden, weight, targets, cap, 4)[0], plain_lp.detach())
+        torch.testing.assert_close(HeadScore.apply(hidden, weight, targets, cap, 4, LMHead().mm_t)[0], plain_lp.detach())
 
 
 # ---- learning a synthetic task end to end with the same pieces train_ppo.py uses -------------------
@@ -147,7 +148,8 @@ def run_rl(hf_checkpoint, algo, steps=40, k=4, rollouts=32):
     means = []
     for step in range(steps):
         prompts = [torch.randint(100, 256, (3,), generator=g).tolist() for _ in range(rollouts // k) for _ in range(k)]
-        responses, engine_logprobs = generate(model, prompts, 4, temperature=1.0, seed=step, return_logprobs=True)
+        responses, engine_logprobs = generate(model, prompts, 4, temperature=1.0, seed=step, return_logprobs=True,
+                                               stop_ids=())
         scores = torch.tensor([sum(t < 32 for t in r) / len(r) for r in responses])
         means.append(scores.mean().item())
         input_ids, resp_pos, resp_tokens, mask = pack(prompts, responses, 0)

@@ -74,11 +74,26 @@ def test_greedy_generation_equals_hf_generate(data_dir, hf_model):
     hf = hf_model
     model, tok = Gemma.from_pretrained(MODEL), Tokenizer.from_pretrained(MODEL)
     prompts = [tok.encode(f"Question: {r['question']}\nAnswer:") for r in gsm8k(data_dir, "test")[:2]]
-    ours = generate(model, prompts, max_new_tokens=24)  # one batch of two lengths
+    ours = generate(model, prompts, max_new_tokens=24, stop_ids=())  # one batch of two lengths
     for prompt, row in zip(prompts, ours):
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
         assert row == ref
+
+
+def test_default_stops_are_hf_generates(data_dir, hf_model):
+    """Without stop_ids, generate stops at the checkpoint's end-of-sequence ids as HF's generate does:
+    three prompts of different lengths in one batch, each row HF's output for its prompt alone."""
+    from nanogsm.generate import generate
+    model, tok = Gemma.from_pretrained(MODEL), Tokenizer.from_pretrained(MODEL)
+    records = gsm8k(data_dir, "test")
+    prompts = [tok.encode(f"Question: {records[i]['question']}\nAnswer:") for i in (0, 5, 11)]
+    assert len({len(p) for p in prompts}) == 3
+    ours = generate(model, prompts, max_new_tokens=40)
+    for prompt, row in zip(prompts, ours):
+        ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, pad_token_id=tok.pad_id)
+        assert row == ref[0, len(prompt):].tolist()
+    assert model.config.eos_token_ids == [tok.eos_id]
 
 
 def test_calculator_forces_the_result_and_stop_strings_end_rows():

@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanogsm.compile import compile_blocks
 from nanogsm.lora import load_model
-from nanogsm.model import Gemma
+from nanogsm.model import Gemma, LMHead
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import IGNORE, collate, lr_at, n_target_tokens, sft_example, token_loss_sum
 
@@ -113,7 +114,7 @@ def train(*args, data_dir, script="train_sft.py"):
                           text=True, timeout=600)
 
 
-@pytest.mark.parametrize("script, weights", [("train_sft.py", "model.safetensors"), ("train_lora.py", "adapter.safetensors")])
+@pytest.mark.parametrize("script, weights", [("train_sft.py", "model.safetensors"), ("train_lora.py", "adapter_model.safetensors")])
 def test_resume_is_bit_exact(script, weights, tiny_with_tokenizer, tmp_path, data_dir):
     common = ["--model", tiny_with_tokenizer, "--max-examples", 16, "--batch-size", 2, "--grad-accum", 2,
               "--max-seq-length", 256, "--lr", 1e-3, "--eval-n", 0]
@@ -150,6 +151,20 @@ def test_bf16_on_cpu_autocasts_and_stays_close_to_fp32(tiny_with_tokenizer, tmp_
     assert losses["on"] != losses["off"] and abs(losses["on"] - losses["off"]) < 0.02 * losses["off"]
 
 
+@pytest.mark.parametrize("script", ["train_sft.py", "train_lora.py"])
+def test_plain_runs_without_the_speed_layers_to_the_same_losses(script, tiny_with_tokenizer, tmp_path, data_dir):
+    """--plain: the reference path only (no nanogsm/cpu.py); the same training, step for step."""
+    common = ["--model", tiny_with_tokenizer, "--max-examples", 8, "--batch-size", 2, "--grad-accum", 2,
+              "--max-seq-length", 256, "--lr", 1e-3, "--eval-n", 2]
+    losses = {}
+    for flag in ([], ["--plain"]):
+        result = train(*common, *flag, "--out", tmp_path / f"run{len(flag)}", data_dir=data_dir, script=script)
+        assert result.returncode == 0, result.stderr
+        losses[len(flag)] = [json.loads(line).get("loss") for line in (tmp_path / f"run{len(flag)}" / "log.jsonl")
+                             .read_text().splitlines()]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "mian"], "error: --data 'mian': expected main or socratic"),
     (["--max-seq-length", 8], "error: --max-seq-length 8 is shorter than a prompt"),
@@ -174,7 +189,7 @@ def test_lora_merge_and_evaluate_the_adapter_folder(tiny_with_tokenizer, tmp_pat
     assert result.returncode == 0, result.stderr
     assert "trainable of" in result.stdout
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    assert config["r"] == 4 and config["alpha"] == 8 and len(config["targets"]) == 7
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8 and len(config["target_modules"]) == 7
     x = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "lora")(x), Gemma.from_pretrained(tmp_path / "lora" / "merged")(x),
@@ -229,7 +244,7 @@ def check_head_loss(cap, bf16, device, compiled=False):
     (2 * plain).backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     with autocast:
-        loss = HeadLoss.apply(h2, w2, targets, cap, 3, xent)
+        loss = HeadLoss.apply(h2, w2, targets, cap, 3, xent, LMHead().mm_t)
     (2 * loss).backward()
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-5)
@@ -290,9 +305,9 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(hf_checkpoint):
     results = []
     for compiled in (False, True):
         if compiled:
-            model.compile_blocks()
+            compile_blocks(model)
         model.zero_grad()
-        loss = token_loss_sum(model, ids, labels)
+        loss = token_loss_sum(model, ids, labels, compiled=compiled)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (eager, eager_grads), (comp, comp_grads) = results
@@ -318,3 +333,22 @@ def test_head_loss_under_no_grad_computes_no_gradients(hf_checkpoint):
         HeadLoss.forward = staticmethod(original)
     assert calls == [(False, False), (True, True)]
     torch.testing.assert_close(evaluated, trained.detach())
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["train_sft.py"], ["peak learning rate (default: 1e-05)", "end of the cosine (default: 1e-06)"]),
+    (["train_lora.py"], ["LoRA rank (default: 16)", "alpha / r (default: 32)"]),
+    (["train_ppo.py"], ["(default: 5e-07)", "(default: 0.05)"]),
+    (["evaluate.py"], ["(default: one-shot-instruct)", "(default: 256)"]),
+    (["-m", "bench.suite"], ["(default: gemma-3-270m)"]),
+    (["-m", "bench.rollouts"], ["(default: 64)"]),
+    (["-m", "bench.profile_step"], ["(default:"]),
+    (["-m", "bench.profile_decode"], ["(default:"]),
+    (["-m", "bench.load_memory"], ["usage:"]),
+])
+def test_help_shows_every_default_and_the_usage_examples(command, shown):
+    result = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    flowing = " ".join(result.stdout.split())  # help lines wrap with the terminal's width
+    assert all(text in flowing for text in shown)
+    assert "\n    python " in result.stdout  # the docstring's usage examples keep their layout
