@@ -10,6 +10,8 @@ parameters, names and state dict:
 - every nn.Linear -> OneDNNLinear: fp32 products, forward and both gradients, on oneDNN's GEMM;
   without gradients (decoding, scoring) a copy of the weight in oneDNN's blocked layout (fp32, and
   bf16 where the CPU packs it), made once per value of the weight: an optimizer step makes the next.
+- Attention -> KeysAsRowsAttention: a decode step's scores as K @ q^T, transposed (the same
+  products; bmm streams a long cache faster with the keys as rows).
 - the LM head -> OneDNNHead: the same products, packed; greedy tokens from fp32 weights come from
   the head in bf16 first, checked against an error bound (`screened_argmax`; CPUs that pack bf16).
 Under autocast, torch.compile, on CUDA, or in a build without these ops, the plain products run.
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanogsm.model import LMHead
+from nanogsm.model import Attention, LMHead
 
 # Private oneDNN ops of PyTorch, used only where they exist.
 AVAILABLE = torch.backends.mkldnn.is_available() and all(
@@ -42,6 +44,8 @@ def speed_up(model):
                 setattr(parent, name, OneDNNLinear.like(child))
             elif type(child) is LMHead:
                 setattr(parent, name, OneDNNHead(child.softcap))
+            elif type(child) is Attention:
+                child.__class__ = KeysAsRowsAttention  # the same module and parameters, one method changed
     return model
 
 
@@ -133,6 +137,13 @@ class OneDNNLinear(nn.Linear):
         if packed is not None:
             return packed_product(x, packed, b)
         return onednn_linear(x, w, b) if w.dtype == torch.float32 else F.linear(x, w, b)
+
+
+class KeysAsRowsAttention(Attention):
+    def scores(self, q, k):  # (B, nkv, g*T, hd), (B, nkv, S, hd) -> (B, nkv, g*T, S)
+        if q.shape[2] == self.n_heads // self.n_kv and q.device.type == "cpu":  # a decode step: T = 1
+            return (k @ q.transpose(-1, -2)).transpose(-1, -2)  # (B, nkv, S, g), keys as rows
+        return super().scores(q, k)
 
 
 class OneDNNHead(LMHead):

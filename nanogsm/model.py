@@ -127,11 +127,8 @@ def _rope_params(cfg, model_type):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * (1 + w), computed in float32.
-
-    Gemma stores w as an offset from 1 (zeros at init) and normalises in float32 before casting back,
-    unlike Llama's x.to(dtype) * w (HF transformers#29402).
-    """
+    """x / rms(x) * (1 + w) in float32: Gemma stores w as an offset from 1 (zeros at init) and
+    normalises in float32 before casting back, unlike Llama's x.to(dtype) * w (HF transformers#29402)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -196,14 +193,13 @@ class Attention(nn.Module):
         return self.o_proj(y)
 
     def grouped_attention(self, q, k, v, mask):
-        """Attention as two matmuls; query heads are grouped per kv head with a view, so K/V are
-        never repeated in memory. Gemma 2 needs it: scores -> cap * tanh(scores / cap) before the
-        mask, which no fused kernel allows. A decode step (T = 1) uses it too: there the fused CPU
-        kernel gains nothing, and in bf16 it is far slower than these two matmuls (docs/BENCHMARKS.md)."""
+        """Attention as two matmuls, query heads grouped per kv head with a view (K/V never repeated).
+        Gemma 2 needs it: scores -> cap * tanh(scores / cap) before the mask, which no fused kernel
+        allows. A decode step (T = 1) too: there the fused CPU kernel is slower (docs/BENCHMARKS.md)."""
         B, _, T, hd = q.shape
         S, g = k.shape[2], self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, g * T, hd)  # (B, nkv, g*T, hd): the g query heads of each kv head
-        scores = q @ k.transpose(-1, -2)  # (B, nkv, g*T, S)
+        scores = self.scores(q, k)  # (B, nkv, g*T, S)
         scores = scores.view(B, self.n_kv, g, T, S) * self.scale  # (B, nkv, g, T, S)
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
@@ -211,6 +207,10 @@ class Attention(nn.Module):
         probs = scores.float().softmax(-1).to(q.dtype)  # softmax in fp32
         y = probs.view(B, self.n_kv, g * T, S) @ v  # (B, nkv, g*T, hd)
         return y.view(B, self.n_heads, T, hd)
+
+    def scores(self, q, k):
+        """The grouped queries (B, nkv, g*T, hd) against the keys (B, nkv, S, hd) -> (B, nkv, g*T, S)."""
+        return q @ k.transpose(-1, -2)
 
 
 class MLP(nn.Module):
@@ -265,8 +265,7 @@ class KVCache:
 
 
 class LMHead(nn.Module):
-    """The tied head, logits = h @ E^T, then Gemma 2's final soft-cap cap * tanh(z / cap). No parameters
-    (the weight is the embedding, passed in): a module only so that nanogsm/cpu.py can swap it."""
+    """The tied head h @ E^T, then Gemma 2's final soft-cap; the weight (the embedding) is passed in."""
 
     def __init__(self, softcap=None):
         super().__init__()

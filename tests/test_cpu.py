@@ -93,6 +93,7 @@ def test_speed_up_keeps_the_models_outputs(family, hf_checkpoint):
     the sped-up model against the plain one; the state dict is unchanged."""
     plain, fast = sped_up_pair(family, hf_checkpoint)
     assert type(fast.layers[0].mlp.up_proj) is cpu.OneDNNLinear and type(fast.head) is cpu.OneDNNHead
+    assert type(fast.layers[0].self_attn) is cpu.KeysAsRowsAttention
     assert fast.state_dict().keys() == plain.state_dict().keys()
     x = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
