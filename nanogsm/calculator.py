@@ -75,3 +75,17 @@ def calculator_tokens(text, tokenizer):
         return []
     value = calculate(expr)
     return [] if value is None else tokenizer.encode(value, bos=False)
+
+
+def forced_mask(tokens, tokenizer, tail=""):
+    """Which of a response's tokens the calculator forced (bools, one per token), replaying what
+    `generate(..., calculator=True)` did: after each token, the text so far (after `tail`, the end of
+    the prompt) may end in `<<expr=`, and then the tokens of its value come next, chosen by no one."""
+    text, pending, mask = tail, [], []
+    for t in tokens:
+        mask.append(bool(pending))
+        pending = pending[1:]
+        text += tokenizer.decode([t], skip_special=False)
+        if not pending:
+            pending = calculator_tokens(text, tokenizer)
+    return mask

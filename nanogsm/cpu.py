@@ -31,7 +31,9 @@ AVAILABLE = torch.backends.mkldnn.is_available() and all(
 # oneDNN packs bf16 weights only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT.
 BF16 = AVAILABLE and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 PACKED_DTYPES = (torch.float32, torch.bfloat16) if BF16 else (torch.float32,)
-PACK_ROWS = 256  # weights are packed by the first product of at most this many rows (a decode step)
+# The rows oneDNN is told to pack for: any hint from 8 up gives a layout as fast for 1 to 1,500 rows;
+# a hint of 1 gives one ~1.5x slower for a decode batch of 16 (docs/BENCHMARKS.md#cpu-layer).
+PACK_ROWS = 32
 
 
 def speed_up(model):
@@ -89,28 +91,25 @@ class LinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-def pack(weight, rows):
-    """oneDNN's blocked layout of weight (n, k) for products of about `rows` rows."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+def pack(weight):
+    """oneDNN's blocked layout of weight (n, k)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
 
 
 class Packed:
-    """A copy of a weight made by make(weight, rows) (`pack` by default), remade when the weight is
+    """A copy of a weight made by make(weight) (`pack` by default), remade when the weight is
     replaced or changed in place (an optimizer step)."""
 
     def __init__(self, make=pack):
         self.make, self.key, self.copy = make, None, None
 
-    def get(self, weight, rows):
-        """The copy, or None while none is made and `rows` is more than PACK_ROWS (a prefill before the
-        first decode step: the layout is chosen for the rows of the product that makes it). A weight
-        made under torch.inference_mode has no version counter: its copy follows only replacement."""
-        version = -1 if weight.is_inference() else weight._version
-        fresh = self.key is not None and self.key[0]() is weight and self.key[1:] == (weight.data_ptr(), version)
-        if not fresh and rows <= PACK_ROWS:
-            self.copy = self.make(weight, rows)
-            self.key, fresh = (weakref.ref(weight), weight.data_ptr(), version), True
-        return self.copy if fresh else None
+    def get(self, weight):
+        """The copy. A weight made under torch.inference_mode has no version counter: its copy
+        follows only replacement."""
+        key = (weight.data_ptr(), -1 if weight.is_inference() else weight._version)
+        if self.key is None or self.key[0]() is not weight or self.key[1:] != key:
+            self.copy, self.key = self.make(weight), (weakref.ref(weight), *key)
+        return self.copy
 
 
 def packed_product(x, packed, bias=None):  # (..., k), packed (n, k) -> (..., n)
@@ -133,10 +132,7 @@ class OneDNNLinear(nn.Linear):
             return F.linear(x, w, b)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
             return LinearFn.apply(x, w, b) if w.dtype == torch.float32 else F.linear(x, w, b)
-        packed = self.packed.get(w, x.numel() // x.shape[-1])
-        if packed is not None:
-            return packed_product(x, packed, b)
-        return onednn_linear(x, w, b) if w.dtype == torch.float32 else F.linear(x, w, b)
+        return packed_product(x, self.packed.get(w), b)
 
 
 class KeysAsRowsAttention(Attention):
@@ -151,24 +147,19 @@ class OneDNNHead(LMHead):
         super().__init__(softcap)
         self.packed = Packed()
         # for `screened_argmax`: the head in bf16, packed, and the largest norm of its rows
-        self.screen = Packed(lambda w, rows: (pack(w.bfloat16(), rows) if BF16 else w.bfloat16(),
-                                              w.norm(dim=-1).max().item()))
+        self.screen = Packed(lambda w: (pack(w.bfloat16()) if BF16 else w.bfloat16(), w.norm(dim=-1).max().item()))
 
     def forward(self, h, weight):  # (..., d), (V, d) -> (..., V)
-        rows = h.numel() // h.shape[-1]
-        packed = None
-        if not torch.is_grad_enabled() and on_onednn(h, weight, dtypes=PACKED_DTYPES):
-            packed = self.packed.get(weight, rows) if h.dtype == weight.dtype else None
-        if packed is None:
+        if torch.is_grad_enabled() or not on_onednn(h, weight, dtypes=PACKED_DTYPES) or h.dtype != weight.dtype:
             return super().forward(h, weight)
-        z = packed_product(h, packed)  # (..., V)
+        z = packed_product(h, self.packed.get(weight))  # (..., V)
         return z if self.softcap is None else torch.tanh(z / self.softcap) * self.softcap
 
     def mm_t(self, a, b):
         return mm_t(a, b)
 
     def argmax(self, h, weight):
-        if torch.is_grad_enabled() or not BF16 or not on_onednn(h, weight) or len(h) > PACK_ROWS:
+        if torch.is_grad_enabled() or not BF16 or not on_onednn(h, weight):
             return super().argmax(h, weight)
         return screened_argmax(self, h, weight)
 
@@ -184,7 +175,7 @@ def screened_argmax(head, h, weight, k=16):
     itself rounded to bf16, |a| the larger of the first and the k-th). So when the k-th largest `a`
     is more than 2e below the largest, the best token is among those k, and their exact fp32
     logits pick it; other rows get the full fp32 head."""
-    packed, w_max = head.screen.get(weight, len(h))
+    packed, w_max = head.screen.get(weight)
     a = packed_product(h.bfloat16(), packed) if BF16 else h.bfloat16() @ packed.T  # (b, V) in bf16
     top, idx = chunked_topk(a, k)  # (b, k), largest first
     top = top.float()

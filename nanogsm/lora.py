@@ -121,12 +121,13 @@ def count_parameters(model):
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu", base=None):
     """A full checkpoint (see Gemma.from_pretrained), or an adapter folder or Hub repo: its base model
-    (`base_model_name_or_path`, or `base` when given) with the adapter applied."""
+    (`base_model_name_or_path`, or `base` when given) with the adapter applied. A base that is itself
+    an adapter folder (an RL adapter trained on an SFT adapter) is loaded and merged first."""
     folder = weights.resolve(name_or_path)
     if not (folder / ADAPTER_CONFIG).is_file():
         return Gemma.from_pretrained(folder, dtype=dtype, device=device)
     config = read_adapter_config(folder)
-    return load_adapter(Gemma.from_pretrained(base or config["base"], dtype=dtype, device=device), folder)
+    return load_adapter(merge_lora(load_model(base or config["base"], dtype, device)), folder)
 
 
 def adapter_state(model):

@@ -53,13 +53,14 @@ def kl_penalty(logprobs, ref_logprobs, kind="k1"):
     raise ValueError(f"unknown KL estimator {kind!r}; expected k1 or k3")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip, n=None):
-    """Clipped surrogate: mean of max(-A r, -A clip(r, 1 - c, 1 + c)), r = exp(logp - logp_old).
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip, n=None, clip_high=None):
+    """Clipped surrogate: mean of max(-A r, -A clip(r, 1 - c, 1 + c_high)), r = exp(logp - logp_old),
+    c_high = clip unless given (DAPO's clip-higher, Yu et al. 2025: more room for raising a rare token).
     Returns (loss, fraction of tokens where the clipped term was taken, approx KL(old || new) by k3)."""
     log_ratio = logprobs - old_logprobs
     ratio = log_ratio.exp()
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + (clip if clip_high is None else clip_high))
     loss = masked_mean(torch.maximum(unclipped, clipped), mask, n)
     clip_frac = masked_mean((clipped > unclipped).float(), mask)
     approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
@@ -75,12 +76,21 @@ def value_loss(values, old_values, returns, mask, clip, n=None):
     return loss, masked_mean((clipped > unclipped).float(), mask).detach()
 
 
-def grpo_advantages(rewards, group_size, eps=1e-6):
+def grpo_advantages(rewards, group_size, std=True, eps=1e-6):
     """GRPO: each sample's reward minus its group's mean, over the group's std (groups are
-    consecutive runs of group_size samples of the same prompt). rewards (N,) -> (N,)."""
+    consecutive runs of group_size samples of the same prompt). std=False: the mean-centred reward
+    alone (Dr. GRPO, Liu et al. 2025; nanochat), which does not scale a group whose rewards barely
+    differ into a full-size update. rewards (N,) -> (N,)."""
     grouped = rewards.view(-1, group_size)  # (prompts, k)
-    mean, std = grouped.mean(-1, keepdim=True), grouped.std(-1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).view(-1)
+    centred = grouped - grouped.mean(-1, keepdim=True)
+    return (centred / (grouped.std(-1, keepdim=True) + eps) if std else centred).view(-1)
+
+
+def informative_groups(rewards, group_size):
+    """Which groups' rewards are not all equal (N,) -> (prompts,) bool: a group of equal rewards has
+    zero group-relative advantages and adds nothing but noise (DAPO's dynamic sampling)."""
+    grouped = rewards.view(-1, group_size)  # (prompts, k)
+    return (grouped != grouped[:, :1]).any(-1)
 
 
 # ---- the model side: a value head, packing rollouts, scoring them -------------------------------
@@ -220,14 +230,17 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_kind="k1"):
 
 
 def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accum, clip, vf_coef, ent_coef,
-               max_grad_norm, kl_coef_in_loss=0.0, autocast=None, seed=0):
+               max_grad_norm, kl_coef_in_loss=0.0, autocast=None, seed=0, clip_high=None, norm_tokens=None):
     """The optimisation half of a PPO/GRPO step over the N rollouts in `batch` (a dict of tensors
     from `pack` plus old_logprobs, old_values, advantages, returns, ref_logprobs).
 
     For each of `epochs` passes the rollouts are shuffled and cut into optimizer steps of
     minibatch x grad_accum sequences; each forward takes `minibatch` sequences. Losses are sums over
     response tokens divided by the token count of the whole optimizer step (token-level
-    normalisation), so the split into micro-batches does not change the update. value_head None
+    normalisation), so the split into micro-batches does not change the update; with norm_tokens L,
+    divided by the step's sequences x L instead (a constant, as Dr. GRPO: a long response's tokens
+    weigh no less than a short one's). An optional batch["loss_mask"] leaves out tokens the policy
+    did not choose (the calculator's) from the policy, entropy and KL terms. value_head None
     means no critic (GRPO); kl_coef_in_loss > 0 adds kl_coef * k3 KL to the reference to the loss
     (GRPO's placement of the KL term). Returns mean statistics.
     """
@@ -237,6 +250,7 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
     params = [p for p in model.parameters() if p.requires_grad] + (list(value_head.parameters()) if value_head else [])
     generator = torch.Generator().manual_seed(seed)
     need, n_resp = used_lengths(batch["resp_pos"], batch["mask"])
+    n_loss = batch["loss_mask"].sum(-1).long().tolist() if "loss_mask" in batch else n_resp  # tokens in the loss
     stats = {k: [] for k in ("policy", "value", "entropy", "approx_kl", "policy_clip_frac", "value_clip_frac",
                              "grad_norm")}
     for _ in range(epochs):
@@ -245,17 +259,18 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
             # An optimizer step's rollouts, longest first: rollouts of similar length share a forward
             # and each forward is cut to the columns it uses (`take`). The step's gradient is the same sum.
             rows = sorted(order[start:start + step_size], key=lambda i: -need[i])
-            n_tokens = max(1, sum(n_resp[i] for i in rows))
+            n_tokens = len(rows) * norm_tokens if norm_tokens else max(1, sum(n_loss[i] for i in rows))
             forwards = [rows[i:i + minibatch] for i in range(0, len(rows), minibatch)]
             for micro in forwards[rank::world]:  # under torchrun: this rank's share
                 mb = take(batch, micro, need, n_resp)
-                scale = n_tokens / max(1, sum(n_resp[i] for i in micro))  # the step's mean -> this forward's mean
+                scale = n_tokens / max(1, sum(n_loss[i] for i in micro))  # the step's mean -> this forward's mean
+                loss_mask = mb.get("loss_mask", mb["mask"])
                 with autocast or torch.autocast("cpu", enabled=False):
                     logprobs, values, entropies = score_responses(model, value_head, mb["input_ids"], mb["resp_pos"],
                                                                   mb["resp_tokens"])
-                pg, pg_clip, approx_kl = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mb["mask"], clip,
-                                                     n_tokens)
-                ent = masked_mean(entropies, mb["mask"], n_tokens)
+                pg, pg_clip, approx_kl = policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], loss_mask, clip,
+                                                     n_tokens, clip_high)
+                ent = masked_mean(entropies, loss_mask, n_tokens)
                 loss = pg - ent_coef * ent
                 if value_head is not None:
                     vl, vl_clip = value_loss(values, mb["old_values"], mb["returns"], mb["mask"], clip, n_tokens)
@@ -264,7 +279,7 @@ def ppo_update(model, value_head, optimizer, batch, epochs, minibatch, grad_accu
                     stats["value_clip_frac"].append(vl_clip.item())
                 if kl_coef_in_loss:
                     loss = loss + kl_coef_in_loss * masked_mean(kl_penalty(logprobs, mb["ref_logprobs"], "k3"),
-                                                                mb["mask"], n_tokens)
+                                                                loss_mask, n_tokens)
                 loss.backward()
                 stats["policy"].append(pg.item() * scale)
                 stats["entropy"].append(ent.item() * scale)

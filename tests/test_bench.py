@@ -132,3 +132,16 @@ def test_idle_gaps_finds_the_device_idle_stretches_between_kernels():
     total, count, short, longest = idle_gaps(prof)
     assert count == 2 and total == pytest.approx(1005e-6) and short == pytest.approx(5e-6)
     assert longest == [(pytest.approx(1000e-6), "d", "e"), (pytest.approx(5e-6), "b", "d")]
+
+
+def test_ladder_runs_every_stage_at_a_tiny_scale(tiny_with_tokenizer, tmp_path, data_dir):
+    """bench/ladder.py (the GPU ladder) on a tiny model: SFT, eval, GRPO, eval and the table."""
+    env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
+    result = subprocess.run([sys.executable, "-m", "bench.ladder", "--tiny", "--model", str(tiny_with_tokenizer),
+                             "--out", str(tmp_path / "ladder")], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (tmp_path / "ladder" / "table.md").read_text()
+    assert table.count("of 8 |") == 2 and "RL steps run: 2" in table and "McNemar" in table, table
+    for stage in ("SFT, 1 epoch", "SFT: eval", "GRPO from SFT", "GRPO: eval"):
+        assert f"| {stage} |" in table

@@ -59,15 +59,17 @@ def test_packed_copy_follows_the_weight(dtype):
         torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
-def test_large_products_wait_for_a_small_one_to_pack():
-    """A product of more than PACK_ROWS rows (a prefill) does not choose the layout; it runs unpacked."""
-    lin = cpu.OneDNNLinear.like(torch.nn.Linear(40, 24))
+@pytest.mark.parametrize("dtype", cpu.PACKED_DTYPES)
+def test_one_packed_copy_serves_every_batch(dtype):
+    """The copy packed by a long prefill serves a decode step's few rows, and the reverse: F.linear's outputs."""
+    lin = cpu.OneDNNLinear.like(torch.nn.Linear(40, 24).to(dtype))
+    copies = []
     with torch.no_grad():
-        big = torch.randn(cpu.PACK_ROWS + 1, 40)
-        torch.testing.assert_close(lin(big), torch.nn.functional.linear(big, lin.weight, lin.bias))
-        assert lin.packed.copy is None
-        lin(big[:4])
-        assert lin.packed.copy is not None
+        for rows in (300, 1, 16, 300):
+            x = torch.randn(rows, 40).to(dtype)
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+            copies.append(lin.packed.copy)
+    assert all(c is copies[0] for c in copies)
 
 
 def test_a_model_made_under_inference_mode(hf_checkpoint):

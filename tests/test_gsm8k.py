@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from nanogsm.calculator import calculate
+from nanogsm.calculator import calculate, forced_mask
 from nanogsm.gsm8k import (STRATEGIES, build_prompt, extract_answer, extract_last_number, five_shot_examples,
                            heldout_subset, is_correct, lm_eval_match, load_gsm8k, score, seeded_subset)
 
@@ -35,6 +35,25 @@ def test_is_correct_and_flexible():
 ])
 def test_calculator(expr, value):
     assert calculate(expr) == value
+
+
+class CharTokenizer:
+    """One token per character: a tokenizer whose forced tokens are easy to write by hand."""
+    def encode(self, text, bos=False):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special=False):
+        return "".join(map(chr, ids))
+
+
+def test_forced_mask_by_hand():
+    tok = CharTokenizer()
+    text = "2*3=<<2*3=6>> then <<6+1=7>>x"
+    marked = "".join("F" if f else "." for f in forced_mask(tok.encode(text), tok))
+    assert marked == ".........." "F" ".............." "F" "..."  # the 6 and the 7 follow "<<expr="
+    # the prompt's end may open the annotation; an unparsable expression forces nothing
+    assert forced_mask(tok.encode("=5>>"), tok, tail="<<2+3") == [False, True, False, False]
+    assert not any(forced_mask(tok.encode("<<2**3=8>>"), tok))
 
 
 def test_load_real_files(data_dir):

@@ -105,6 +105,12 @@ def test_calculator_forces_the_result_and_stop_strings_end_rows():
     assert free.startswith("=") and not free.startswith("=56211")  # the 270M model gets it wrong alone
     forced = generate(model, [prompt], max_new_tokens=6, tokenizer=tok, calculator=True)[0]
     assert tok.decode(forced).startswith("=56211")
+    # The replay of what was forced marks exactly the result's tokens, after the model's own "=".
+    from nanogsm.calculator import forced_mask
+    marked = forced_mask(forced, tok, tail=tok.decode(prompt[-16:], skip_special=False))
+    result = tok.encode("56211", bos=False)
+    assert marked == [False] + [True] * len(result) + [False] * (len(forced) - 1 - len(result))
+    assert forced[1:1 + len(result)] == result
     rows = generate(model, [prompt, prompt[:-3]], max_new_tokens=40, tokenizer=tok, stop_strings=["\n"])
     for row in rows:
         text = tok.decode(row)
