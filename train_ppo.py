@@ -71,11 +71,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from nanogsm import cpu
+from nanogsm.calculator import forced_mask
 from nanogsm.compile import compile_blocks
 from nanogsm.generate import generate
 from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number
 from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled, merge_lora
-from nanogsm.calculator import forced_mask
 from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, informative_groups, pack,
                          ppo_update, score_responses, take, token_rewards, used_lengths, whiten)
 from nanogsm.report import HelpFormatter, progress
@@ -276,10 +276,11 @@ def main(args):
         prompts, responses, engine_logprobs = prompts[:n], responses[:n], engine_logprobs[:n]
         scores, seen = torch.tensor(kept_scores[:n]).to(device), torch.cat(seen)
         t_gen = time.perf_counter() - t0
+        informative = informative_groups(seen, k)  # (groups generated,)
         record = {"step": step + 1, "rollout/reward_mean": seen.mean().item(), "rollout/generated": len(seen),
-                  "rollout/frac_same_reward": 1 - informative_groups(seen, k).float().mean().item()}
+                  "rollout/frac_same_reward": 1 - informative.float().mean().item()}
         if args.dynamic_sampling != "off":
-            record["rollout/groups_skipped"] = int((~informative_groups(seen, k)).sum())
+            record["rollout/groups_skipped"] = int((~informative).sum())
         if n == 0:  # every group's rewards were equal: nothing to learn from
             log_step(out, {**record, "time/generate_s": t_gen})
             if args.save_every and (step + 1) % args.save_every == 0:
@@ -293,8 +294,9 @@ def main(args):
         need, n_resp = used_lengths(resp_pos, mask)
         by_length = sorted(range(n), key=lambda j: -need[j])
         batch = {name: torch.zeros(mask.shape, device=device) for name in ("old_logprobs", "old_values", "ref_logprobs")}
+        chunks = range(0, n, args.ppo_batch) if not args.on_policy or use_ref else []  # [] : nothing to score
         with torch.no_grad(), autocast:
-            for c, i in enumerate(range(0, n, args.ppo_batch) if not args.on_policy or use_ref else []):
+            for c, i in enumerate(chunks):
                 if c % world != rank:
                     continue
                 rows = by_length[i:i + args.ppo_batch]
@@ -316,8 +318,7 @@ def main(args):
         chosen = mask.clone()  # 1 on the response tokens the policy chose (not the calculator)
         if args.calculator:
             for j, (p, r) in enumerate(zip(prompts, responses)):
-                tail = tok.decode(p[-16:], skip_special=False)
-                chosen[j, :len(r)] -= torch.tensor(forced_mask(r, tok, tail), dtype=torch.float)
+                chosen[j, :len(r)] -= torch.tensor(forced_mask(r, tok, p), dtype=torch.float)
         batch.update(input_ids=input_ids.to(device), resp_pos=resp_pos.to(device), resp_tokens=resp_tokens.to(device),
                      mask=mask.to(device), loss_mask=chosen.to(device))
         mask = batch["mask"]

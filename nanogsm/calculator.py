@@ -77,11 +77,16 @@ def calculator_tokens(text, tokenizer):
     return [] if value is None else tokenizer.encode(value, bos=False)
 
 
-def forced_mask(tokens, tokenizer, tail=""):
+def prompt_tail(prompt, tokenizer):
+    """The last tokens of a prompt as text: an annotation `<<` may open there."""
+    return tokenizer.decode(prompt[-16:], skip_special=False)
+
+
+def forced_mask(tokens, tokenizer, prompt=()):
     """Which of a response's tokens the calculator forced (bools, one per token), replaying what
-    `generate(..., calculator=True)` did: after each token, the text so far (after `tail`, the end of
-    the prompt) may end in `<<expr=`, and then the tokens of its value come next, chosen by no one."""
-    text, pending, mask = tail, [], []
+    `generate(..., calculator=True)` did: after each token, the text so far (after the prompt's
+    tail) may end in `<<expr=`, and then the tokens of its value come next, chosen by no one."""
+    text, pending, mask = prompt_tail(prompt, tokenizer), [], []
     for t in tokens:
         mask.append(bool(pending))
         pending = pending[1:]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanogsm.calculator import calculator_tokens
+from nanogsm.calculator import calculator_tokens, prompt_tail
 from nanogsm.cuda_graph import DecodeStep
 from nanogsm.model import KVCache
 
@@ -152,7 +152,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=
 
     out_tokens, out_logprobs = [[] for _ in prompts], [[] for _ in prompts]
     texts, forced = [""] * len(prompts), [[] for _ in prompts]  # generated text per prompt, calculator tokens to force
-    tails = [tokenizer.decode(p[-16:], skip_special=False) if calculator else "" for p in prompts]  # '<<' may be in the prompt
+    tails = [prompt_tail(p, tokenizer) if calculator else "" for p in prompts]  # '<<' may be in the prompt
     rows, starts = [None] * B, [0] * B  # per batch row: the prompt it decodes, the slot where that prompt starts
     finished = [True] * B  # per batch row: nothing (more) to decode; all rows are free at first
     tokens = torch.zeros(B, dtype=torch.long, device=device)  # per row, the token the next step feeds

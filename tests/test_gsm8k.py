@@ -52,7 +52,7 @@ def test_forced_mask_by_hand():
     marked = "".join("F" if f else "." for f in forced_mask(tok.encode(text), tok))
     assert marked == ".........." "F" ".............." "F" "..."  # the 6 and the 7 follow "<<expr="
     # the prompt's end may open the annotation; an unparsable expression forces nothing
-    assert forced_mask(tok.encode("=5>>"), tok, tail="<<2+3") == [False, True, False, False]
+    assert forced_mask(tok.encode("=5>>"), tok, prompt=tok.encode("<<2+3")) == [False, True, False, False]
     assert not any(forced_mask(tok.encode("<<2**3=8>>"), tok))
 
 

@@ -107,7 +107,7 @@ def test_calculator_forces_the_result_and_stop_strings_end_rows():
     assert tok.decode(forced).startswith("=56211")
     # The replay of what was forced marks exactly the result's tokens, after the model's own "=".
     from nanogsm.calculator import forced_mask
-    marked = forced_mask(forced, tok, tail=tok.decode(prompt[-16:], skip_special=False))
+    marked = forced_mask(forced, tok, prompt=prompt)
     result = tok.encode("56211", bos=False)
     assert marked == [False] + [True] * len(result) + [False] * (len(forced) - 1 - len(result))
     assert forced[1:1 + len(result)] == result
