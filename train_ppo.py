@@ -151,6 +151,8 @@ def main(args):
                           ("--group-size", k), (f"--ppo-batch x {world} ranks", args.ppo_batch * world)):
         if args.rollouts % divisor:
             raise ValueError(f"--rollouts {args.rollouts} is not divisible by {name} ({divisor})")
+    if args.fill_rounds < 0:
+        raise ValueError(f"--fill-rounds must be 0 or more (got {args.fill_rounds})")
     if args.gen_batch < 1:
         raise ValueError(f"--gen-batch must be at least 1 (got {args.gen_batch})")
     if args.grad_accum % world:
@@ -357,7 +359,8 @@ def main(args):
             log_step(out, {"step": step + 1, **metrics})
         if args.save_every and (step + 1) % args.save_every == 0:
             save(step + 1, metrics)
-    save(last, metrics)
+    if last == start or not (args.save_every and last % args.save_every == 0):  # else the loop saved it
+        save(last, metrics)
     print(f"saved {out} at step {last}")
 
 

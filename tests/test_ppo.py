@@ -418,6 +418,7 @@ def test_an_adapter_init_is_the_start_and_the_reference(lora, tiny_with_tokenize
     (["--algo", "grpo", "--group-size", 1, "--rollouts", 4, "--ppo-batch", 2, "--minibatch", 2, "--grad-accum", 1],
      "--algo grpo needs --group-size >= 2"),
     (["--gen-batch", 0], "--gen-batch must be at least 1 (got 0)"),
+    (["--fill-rounds", -1], "--fill-rounds must be 0 or more (got -1)"),
     ([*SMALL, "--dynamic-sampling", "skip"], "--dynamic-sampling skip needs --group-size >= 2"),
     ([*SMALL, "--algo", "grpo", "--group-size", 2, "--on-policy"], "--on-policy uses each batch for one optimizer step"),
     ([*SMALL, "--algo", "grpo", "--group-size", 2, "--grad-accum", 2, "--on-policy", "--ppo-epochs", 2],
