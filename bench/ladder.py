@@ -81,6 +81,8 @@ def main(args):
         rows.append(f"| {name} | {em} | {fmt} | {seconds:.0f} | `python {shlex.join(cmd)}` |")
     compare = subprocess.run([sys.executable, "evaluate.py", "--compare", str(out / "sft.jsonl"), str(out / "rl.jsonl")],
                              capture_output=True, text=True)
+    if compare.returncode:
+        sys.exit(f"error: evaluate.py --compare failed (exit {compare.returncode}): {compare.stderr.strip()}")
     steps = [json.loads(line) for line in (out / "rl" / "log.jsonl").read_text().splitlines()]
     table = "\n".join(rows) + f"\n\nRL steps run: {len(steps)}\n\nSFT (A) vs GRPO (B):\n{compare.stdout}"
     (out / "table.md").write_text(table)

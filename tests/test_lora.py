@@ -46,7 +46,7 @@ def test_merge_equals_unmerged_and_disable_gives_base(hf_checkpoint):
             torch.testing.assert_close(model(X), base(X), atol=0, rtol=0)
         merged = merge_lora(model)
         assert not lora_modules(merged)
-        torch.testing.assert_close(merged(X), adapted, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(X), adapted, atol=1e-5, rtol=1e-5)  # W + BA rounds apart from Wx + BAx
 
 
 def test_only_lora_parameters_get_gradients_and_checkpointing_agrees(hf_checkpoint):

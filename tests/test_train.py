@@ -193,7 +193,7 @@ def test_lora_merge_and_evaluate_the_adapter_folder(tiny_with_tokenizer, tmp_pat
     x = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path / "lora")(x), Gemma.from_pretrained(tmp_path / "lora" / "merged")(x),
-                                   atol=1e-5, rtol=0)
+                                   atol=1e-5, rtol=1e-5)  # merged weights round apart from Wx + BAx
     env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
     ev = subprocess.run([sys.executable, "evaluate.py", "--model", str(tmp_path / "lora"), "--n", "2", "--max-new-tokens",
                          "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
