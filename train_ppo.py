@@ -351,7 +351,8 @@ def main(args):
                           if name in stats},
                        "value/explained_variance": explained_variance(batch["old_values"], returns, mask)
                        if value_head else 0.0,
-                       "time/generate_s": t_gen, "time/train_s": time.perf_counter() - t1,
+                       "time/generate_s": t_gen, "time/score_s": t1 - t0 - t_gen,  # scoring: old, value, reference
+                       "time/train_s": time.perf_counter() - t1,
                        "peak_mem_gb": peak_memory_gb(device)})
         log_step(out, record)
         if args.eval_every and (step + 1) % args.eval_every == 0 and rank == 0:

@@ -2,6 +2,7 @@
 
     python docs/plot_log.py ckpt/ppo-270m/log.jsonl ckpt/grpo-270m/log.jsonl --out docs/rl-270m.png
     python docs/plot_log.py ckpt/sft-270m-main/log.jsonl --keys loss grad_norm --out docs/sft-270m.png
+    python docs/plot_log.py a/log.jsonl b/log.jsonl --x minutes --out docs/ab.png   # runs at equal cost
 
 One panel per key, one line per run (labelled by its folder), step on the x axis. Rows of a log
 without a key (e.g. eval rows) are skipped for that key. Needs matplotlib (requirements-dev.txt:
@@ -24,7 +25,18 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=type(
     "HelpFormatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {}))  # as nanogsm.report's
 parser.add_argument("logs", nargs="+", help="log.jsonl files (one line per run)")
 parser.add_argument("--keys", nargs="+", default=RL_KEYS, help="logged fields to plot, one panel each")
+parser.add_argument("--x", default="step", choices=["step", "minutes"],
+                    help="x axis: the step, or the run's minutes so far (its logged time/generate_s, time/score_s, time/train_s)")
 parser.add_argument("--out", required=True, help="PNG file to write")
+
+
+def minutes(rows):
+    """Per row, the minutes spent generating, scoring and training up to the end of its step."""
+    total, out = 0.0, []
+    for row in rows:
+        total += sum(row.get(f"time/{part}_s", 0.0) for part in ("generate", "score", "train"))
+        out.append(total / 60)
+    return out
 
 
 def main(args):
@@ -40,12 +52,13 @@ def main(args):
     fig, axes = plt.subplots(math.ceil(len(keys) / cols), cols, figsize=(4 * cols, 3 * math.ceil(len(keys) / cols)),
                              squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        for name, rows in runs.items():
-            points = [(row["step"], row[key]) for row in rows if key in row]
+        for i, (name, rows) in enumerate(runs.items()):
+            xs = minutes(rows) if args.x == "minutes" else [row.get("step") for row in rows]
+            points = [(x, row[key]) for x, row in zip(xs, rows) if key in row]
             if points:
-                ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+                ax.plot(*zip(*points), marker="o", markersize=3, label=name, color=f"C{i}")  # one colour per run
         ax.set_title(key, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlabel(args.x)
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
     for ax in list(axes.flat)[len(keys):]:

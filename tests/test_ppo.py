@@ -358,7 +358,8 @@ def test_train_ppo_runs_saves_and_resumes(extra, tiny_with_tokenizer, tmp_path, 
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     for key in ("rollout/reward_mean", "loss/policy", "loss/approx_kl", "loss/entropy", "params/policy_clip_frac",
-                "params/grad_norm", "rollout/response_len", "rollout/frac_same_reward", "time/generate_s", "time/train_s"):
+                "params/grad_norm", "rollout/response_len", "rollout/frac_same_reward", "time/generate_s", "time/score_s",
+                "time/train_s"):
         assert key in log[-1]
     assert ("rollout/kl_ref" in log[-1]) == (extra != OURS)  # KL-free: no reference is run
     if "--algo" not in extra:
