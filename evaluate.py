@@ -5,6 +5,8 @@
     python evaluate.py --model ckpt/sft-main --full --out runs/sft.jsonl
     python evaluate.py --model google/gemma-2b-it --samples 8 --temperature 0.7   # maj@8 and pass@8
     python evaluate.py --compare runs/base.jsonl runs/sft.jsonl       # paired error analysis
+    python evaluate.py --model ckpt/sft-main --full --part 1/2 --out runs/sft.1.jsonl   # and 2/2 beside it
+    python evaluate.py --summary runs/sft.1.jsonl runs/sft.2.jsonl    # EM with CI of the joined rows
     python evaluate.py --model ckpt/lora-270m --heldout --n 128       # train problems it did not see
     python evaluate.py --model ckpt/lora-270m --heldout --n 128 --answer-loss   # their gold answers' loss
 
@@ -34,6 +36,9 @@ parser.add_argument("--config", default="main", help="GSM8K config: main | socra
 parser.add_argument("--prompt", default="one-shot-instruct", help=f"one of {', '.join(STRATEGIES)}, or all")
 parser.add_argument("--n", type=int, default=SUBSET_SIZE, help=f"seeded test subset size (seed {SUBSET_SEED})")
 parser.add_argument("--full", action="store_true", help="all 1,319 test problems instead of --n")
+parser.add_argument("--part", default=None, metavar="K/N",
+                    help="only problems K, K + N, K + 2N, ... (1-based) of the selection: one evaluation split "
+                         "over N processes (--summary takes their --out files; cat them into one for --compare)")
 parser.add_argument("--heldout", action="store_true",
                     help="score --n train problems outside the model's --max-examples training subset "
                          "(read from its args.json) instead of test: for choosing hyperparameters")
@@ -57,6 +62,8 @@ parser.add_argument("--compile", action="store_true", help="torch.compile every 
 parser.add_argument("--plain", action="store_true", help="the reference path only: no oneDNN layer on a CPU (nanogsm/cpu.py), no CUDA-graph decode steps")
 parser.add_argument("--out", help="JSONL file, one row per problem (with --prompt all: one file per strategy)")
 parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two --out files")
+parser.add_argument("--summary", nargs="+", metavar="FILE", help="EM (with CI), format and failures of --out files "
+                                                                 "(the parts of one evaluation)")
 
 
 def compare(path_a, path_b):
@@ -73,6 +80,25 @@ def compare(path_a, path_b):
     for name, ids in groups.items():
         print(f"| {name} | {len(ids)} | {', '.join(map(str, ids[:6]))} |")
     print(f"McNemar exact p = {mcnemar_exact(len(groups['only A']), len(groups['only B'])):.4f}")
+
+
+def read_parts(paths):
+    """The rows of one evaluation's --out files (its --part files), each problem once."""
+    rows = [row for path in paths for row in read_jsonl(path)]
+    if not rows:
+        raise ValueError(f"{' '.join(map(str, paths))}: no rows")
+    ids = [r["id"] for r in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{' '.join(map(str, paths))}: a problem id appears twice (parts of different evaluations?)")
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def parse_part(text):
+    """'K/N' -> (K, N) with 1 <= K <= N."""
+    k, _, n = (text or "").partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise ValueError(f"--part {text!r}: expected K/N with 1 <= K <= N, e.g. 1/2")
+    return int(k), int(n)
 
 
 def heldout_records(folder, args):
@@ -107,6 +133,9 @@ def answer_loss(model, tok, records, batch_size, device):
 def main(args):
     if args.compare:
         return compare(*args.compare)
+    if args.summary:
+        rows = read_parts(args.summary)
+        return summarize(rows, " + ".join(args.summary), len(rows[0].get("completions", [None])))
     if not args.model:
         raise ValueError("--model is required (or --compare A B)")
     if args.prompt != "all" and args.prompt not in STRATEGIES:
@@ -115,6 +144,7 @@ def main(args):
         raise ValueError("--n, --batch-size and --max-new-tokens must be at least 1")
     if args.samples < 1 or (args.samples > 1 and args.temperature == 0.0):
         raise ValueError("--samples k > 1 needs --temperature > 0 (greedy samples are all the same)")
+    part, parts = parse_part(args.part) if args.part else (1, 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     print(f"device {device} | dtype {dtype} | threads {torch.get_num_threads()}")
@@ -125,6 +155,9 @@ def main(args):
         records = seeded_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
         print(f"GSM8K {args.config}/test: {len(records)} problems" +
               ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
+    if args.part:
+        records = records[part - 1::parts]
+        print(f"part {part}/{parts}: {len(records)} of them")
     tok_source = source
     if not (source / "tokenizer.json").is_file() and (source / "adapter_config.json").is_file():  # a PEFT adapter
         tok_source = resolve(args.base_model or read_adapter_config(source)["base"])  # its base's tokenizer

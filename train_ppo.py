@@ -10,7 +10,7 @@
 
 Algorithm, per step (PPO with a learned critic as used for RLHF: Schulman et al. 2017; Ziegler et
 al. 2019; Ouyang et al. 2022):
- 1. Rollouts: `--rollouts` responses from the current policy with the KV-cache engine (temperature
+ 1. Rollouts: `--rollouts` responses from the current policy with the KV-cache engine (--temperature
     1.0) to zero-shot prompts `Question: <q>\\nAnswer:` from the train split (`--group-size` samples
     per prompt; 1 for PPO by default), in one `generate` call: `--gen-batch` rows decode at once
     and a finished row takes the next prompt. Rollout j of step s samples from its own stream of
@@ -43,6 +43,12 @@ The study's recipe is the default. Options of later small-model RL work (each te
   --clip-high C        the ratio's upper clip 1 + C above the lower 1 - --clip (DAPO's clip-higher).
   --calculator         rollouts get the calculator as in evaluate.py; its forced result tokens
                        are left out of the policy loss (the policy did not choose them).
+  --max-gold-steps N   a curriculum: only train problems whose reference answer has at most N
+                       reasoning lines. A small start solves the short ones, so their groups'
+                       rewards differ where those of hard ones are all 0.
+  --temperature T      rollouts sample softmax(logits / T); the loss still uses the policy's own
+                       (T = 1) log-probs, as the engine returns them: with T < 1 the rollouts sit
+                       nearer the greedy answers that evaluation scores (an off-policy sample).
 An adapter --init (a LoRA SFT) is merged into its base first: that is the start and the reference;
 with --lora new adapters train on top of it.
 Batch arithmetic (the study's numbers): 512 rollouts per step are generated (64 decoding at once)
@@ -74,7 +80,7 @@ from nanogsm import cpu
 from nanogsm.calculator import forced_mask
 from nanogsm.compile import compile_blocks
 from nanogsm.generate import generate
-from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number
+from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number, solution_steps
 from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled, merge_lora
 from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, informative_groups, pack,
                          ppo_update, score_responses, take, token_rewards, used_lengths, whiten)
@@ -122,6 +128,9 @@ parser.add_argument("--calculator", action="store_true", help="rollouts use the 
 parser.add_argument("--gamma", type=float, default=0.99, help="discount per token")
 parser.add_argument("--lam", type=float, default=0.95, help="GAE lambda")
 parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
+parser.add_argument("--max-gold-steps", type=int, default=None,
+                    help="curriculum: train only on problems whose reference answer has at most this many reasoning "
+                         "lines (2: the easiest 26%%, 1,961 problems; None: all)")
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
 parser.add_argument("--max-new-tokens", type=int, default=256, help="response budget")
 parser.add_argument("--wrong-reward", type=float, default=0.0, help="reward of a wrong answer")
@@ -153,6 +162,8 @@ def main(args):
             raise ValueError(f"--rollouts {args.rollouts} is not divisible by {name} ({divisor})")
     if args.fill_rounds < 0:
         raise ValueError(f"--fill-rounds must be 0 or more (got {args.fill_rounds})")
+    if args.max_gold_steps is not None and args.max_gold_steps < 1:
+        raise ValueError(f"--max-gold-steps must be at least 1 (got {args.max_gold_steps})")
     if args.gen_batch < 1:
         raise ValueError(f"--gen-batch must be at least 1 (got {args.gen_batch})")
     if args.grad_accum % world:
@@ -168,7 +179,6 @@ def main(args):
                          f"({args.minibatch * args.grad_accum})")
     source = resolve(args.init)
     tok = Tokenizer.from_pretrained(source)
-    out = prepare_out_dir(args.out, args.resume, args.overwrite)
     print("settings: " + " ".join(f"{key}={value}" for key, value in vars(args).items()) + f" group_size={k}")
     device = pick_device()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
@@ -176,7 +186,13 @@ def main(args):
 
     # ---- data: train questions (the test split stays for evaluation)
     records = load_gsm8k("main", "train", args.data_dir)
+    if args.max_gold_steps:  # curriculum: problems the start can solve give rewards that differ
+        records = [r for r in records if solution_steps(r["answer"]) <= args.max_gold_steps]
+        if not records:
+            raise ValueError(f"--max-gold-steps {args.max_gold_steps}: no train problem has so few reasoning lines")
+        print(f"curriculum: {len(records)} train problems with at most {args.max_gold_steps} reasoning lines")
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    out = prepare_out_dir(args.out, args.resume, args.overwrite)
 
     # ---- models: policy (+ value head), reference. An adapter --init is merged into its base: the start.
     use_ref = args.kl_coef > 0  # KL-free: no reference model in memory, no reference forward

@@ -27,6 +27,8 @@ def run(*args, data_dir=None):
     (["--model", "gemma-3-270m", "--data-dir", "/nonexistent"], "error: GSM8K data folder /nonexistent does not exist"),
     (["--model", "gemma-3-270m", "--config", "mian"], "error: unknown GSM8K config 'mian'"),
     (["--model", "gemma-3-270m", "--n", "0"], "error: --n, --batch-size and --max-new-tokens must be at least 1"),
+    (["--model", "gemma-3-270m", "--part", "3/2"], "error: --part '3/2': expected K/N with 1 <= K <= N"),
+    (["--model", "gemma-3-270m", "--part", "1"], "error: --part '1': expected K/N"),
 ])
 def test_user_errors_are_one_line(args, message, data_dir):
     result = run(*args, data_dir=data_dir)
@@ -50,6 +52,23 @@ def test_real_model_run_writes_rows_for_the_seeded_subset(tmp_path, data_dir):
     assert set(rows[0]) >= {"id", "question", "gold", "completion", "extracted", "correct"}
     assert all(r["kind"] == "truncated at max tokens" or r["kind"] == "correct" or "####" in r["completion"]
                for r in rows)
+
+
+def test_parts_of_an_evaluation_join_to_the_whole_run(tmp_path, tiny_with_tokenizer, data_dir):
+    common = ("--model", str(tiny_with_tokenizer), "--n", "5", "--max-new-tokens", "3", "--prompt", "zero-shot")
+    assert run(*common, "--out", str(tmp_path / "all.jsonl"), data_dir=data_dir).returncode == 0
+    for k in (1, 2):
+        result = run(*common, "--part", f"{k}/2", "--out", str(tmp_path / f"p{k}.jsonl"), data_dir=data_dir)
+        assert result.returncode == 0, result.stderr
+    whole = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    parts = [[json.loads(line) for line in (tmp_path / f"p{k}.jsonl").read_text().splitlines()] for k in (1, 2)]
+    assert [r["id"] for r in parts[0]] == [r["id"] for r in whole[0::2]]  # problems 1, 3, 5 and 2, 4
+    assert sorted(parts[0] + parts[1], key=lambda r: r["id"]) == whole  # the same rows, completions included
+    summary = run("--summary", str(tmp_path / "p1.jsonl"), str(tmp_path / "p2.jsonl"))
+    assert summary.returncode == 0, summary.stderr
+    assert f"strict EM {sum(r['correct'] for r in whole)}/5 =" in summary.stdout
+    twice = run("--summary", str(tmp_path / "p1.jsonl"), str(tmp_path / "all.jsonl"))
+    assert twice.returncode != 0 and "a problem id appears twice" in twice.stderr and "Traceback" not in twice.stderr
 
 
 def test_heldout_scores_train_problems_the_run_did_not_see(tmp_path, tiny_with_tokenizer, data_dir):

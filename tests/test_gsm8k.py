@@ -5,7 +5,8 @@ import pytest
 
 from nanogsm.calculator import calculate, forced_mask
 from nanogsm.gsm8k import (STRATEGIES, build_prompt, extract_answer, extract_last_number, five_shot_examples,
-                           heldout_subset, is_correct, lm_eval_match, load_gsm8k, score, seeded_subset)
+                           heldout_subset, is_correct, lm_eval_match, load_gsm8k, score, seeded_subset,
+                           solution_steps)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -54,6 +55,13 @@ def test_forced_mask_by_hand():
     # the prompt's end may open the annotation; an unparsable expression forces nothing
     assert forced_mask(tok.encode("=5>>"), tok, prompt=tok.encode("<<2+3")) == [False, True, False, False]
     assert not any(forced_mask(tok.encode("<<2**3=8>>"), tok))
+
+
+def test_solution_steps_count_the_reasoning_lines(data_dir):
+    assert solution_steps("He has 2+3=<<2+3=5>>5 apples.\nThen 5*2=<<5*2=10>>10.\n#### 10") == 2
+    assert solution_steps("One line, then a blank one.\n\n#### 4") == 1
+    train = load_gsm8k("main", "train", data_dir)
+    assert sum(solution_steps(r["answer"]) <= 2 for r in train) == 1961  # the easiest 26%: 1,960 by raw line count, + id 2815 (a blank line)
 
 
 def test_load_real_files(data_dir):

@@ -151,12 +151,13 @@ def check_head_score(cap, bf16, device):
 # ---- learning a synthetic task end to end with the same pieces train_ppo.py uses -------------------
 
 def run_rl(hf_checkpoint, algo, steps=40, k=4, rollouts=32, std=True, norm_tokens=None, clip_high=None, skip=False,
-           on_policy=False, kl_coef=0.01, lr=1e-3):
+           on_policy=False, kl_coef=0.01, lr=1e-3, temperature=1.0):
     """A tiny random model is rewarded for the fraction of its 4 response tokens below 32 (chance:
     1/8). Rollouts come from the KV-cache engine, old log-probs from the trainer's forward (or, on
     policy, from the engine). The options are train_ppo.py's, for GRPO: std=False (Dr. GRPO),
     norm_tokens (a constant loss normaliser), clip_high, skip (dynamic sampling), on_policy (one
-    optimizer step per batch, no scoring forward), kl_coef 0 (no reference)."""
+    optimizer step per batch, no scoring forward), kl_coef 0 (no reference), temperature (rollouts
+    sampled from softmax(logits / T), trained with the policy's own log-probs)."""
     from nanogsm.generate import generate
     from nanogsm.model import Gemma
     from nanogsm.ppo import ValueHead, pack, ppo_update, score_responses, token_rewards
@@ -170,7 +171,7 @@ def run_rl(hf_checkpoint, algo, steps=40, k=4, rollouts=32, std=True, norm_token
     means = []
     for step in range(steps):
         prompts = [torch.randint(100, 256, (3,), generator=g).tolist() for _ in range(rollouts // k) for _ in range(k)]
-        responses, engine_logprobs = generate(model, prompts, 4, temperature=1.0, seed=step, return_logprobs=True,
+        responses, engine_logprobs = generate(model, prompts, 4, temperature=temperature, seed=step, return_logprobs=True,
                                                stop_ids=())
         scores = torch.tensor([sum(t < 32 for t in r) / len(r) for r in responses])
         means.append(scores.mean().item())
@@ -185,7 +186,7 @@ def run_rl(hf_checkpoint, algo, steps=40, k=4, rollouts=32, std=True, norm_token
         with torch.no_grad():
             old_logprobs, old_values, _ = score_responses(model, value_head, input_ids, resp_pos, resp_tokens)
             ref_logprobs = score_responses(ref, None, input_ids, resp_pos, resp_tokens)[0]
-        # The engine's log-probs are the trainer's log-probs.
+        # The engine's log-probs are the trainer's log-probs (the policy's own, whatever the temperature).
         torch.testing.assert_close(old_logprobs, torch.tensor(engine_logprobs), atol=1e-4, rtol=0)
         if on_policy:
             old_logprobs = torch.tensor(engine_logprobs)
@@ -318,7 +319,8 @@ ONE_UPDATE = {"rollouts": 16, "steps": 50, "lr": 5e-3}  # on policy: one AdamW s
     ("grpo", {"skip": True}), ("grpo", {"on_policy": True, **ONE_UPDATE}), ("grpo", {"kl_coef": 0.0}),
     ("grpo", {"std": False, "norm_tokens": 4, "clip_high": 0.28, "skip": True, "on_policy": True, "kl_coef": 0.0,
               **ONE_UPDATE}),
-], ids=["ppo", "grpo", "no-std", "constant-norm", "clip-high", "skip", "on-policy", "kl-free", "all-ours"])
+    ("grpo", {"temperature": 0.7, "on_policy": True, **ONE_UPDATE}),
+], ids=["ppo", "grpo", "no-std", "constant-norm", "clip-high", "skip", "on-policy", "kl-free", "all-ours", "temperature-0.7"])
 def test_rl_raises_the_reward_on_a_learnable_task(algo, options, hf_checkpoint):
     means = run_rl(hf_checkpoint, algo, **options)
     first, last = sum(means[:10]) / 10, sum(means[-10:]) / 10
@@ -341,7 +343,8 @@ SMALL = ["--rollouts", 4, "--ppo-batch", 2, "--minibatch", 2, "--grad-accum", 1,
 
 
 OURS = ["--algo", "grpo", "--group-size", 2, "--grad-accum", 2, "--ppo-epochs", 1, "--on-policy", "--kl-coef", 0, "--ent-coef", 0,
-        "--adv-std", "off", "--loss-norm", "constant", "--clip-high", 0.28, "--calculator"]
+        "--adv-std", "off", "--loss-norm", "constant", "--clip-high", 0.28, "--calculator", "--max-gold-steps", 2,
+        "--temperature", 0.7]
 
 
 @pytest.mark.parametrize("extra", [[], ["--algo", "grpo", "--group-size", 2], ["--lora", "--lora-r", 2], OURS],
@@ -352,6 +355,7 @@ def test_train_ppo_runs_saves_and_resumes(extra, tiny_with_tokenizer, tmp_path, 
                        data_dir=data_dir)
     assert first.returncode == 0, first.stderr
     assert "settings: " in first.stdout and f"kl_coef={0 if extra == OURS else 0.05}" in first.stdout
+    assert ("curriculum: 1961 train problems" in first.stdout) == (extra == OURS)
     second = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / "run", "--steps", 2, "--resume", *SMALL,
                         *extra, data_dir=data_dir)
     assert second.returncode == 0, second.stderr
@@ -425,10 +429,13 @@ def test_an_adapter_init_is_the_start_and_the_reference(lora, tiny_with_tokenize
     ([*SMALL, "--algo", "grpo", "--group-size", 2, "--grad-accum", 2, "--on-policy", "--ppo-epochs", 2],
      "needs --algo grpo, --ppo-epochs 1"),
     ([*SMALL, "--grad-accum", 2, "--on-policy"], "needs --algo grpo"),
+    (["--max-gold-steps", 0], "--max-gold-steps must be at least 1 (got 0)"),
+    ([*SMALL, "--max-gold-steps", 1], "--max-gold-steps 1: no train problem has so few reasoning lines"),
 ])
 def test_train_ppo_bad_batch_arithmetic(args, message, tiny_with_tokenizer, tmp_path, data_dir):
     result = ppo_script("--init", tiny_with_tokenizer, "--out", tmp_path / "x", *args, data_dir=data_dir)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_train_ppo_init_must_be_a_checkpoint(tmp_path, data_dir, hf_checkpoint):
