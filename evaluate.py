@@ -144,7 +144,7 @@ def main(args):
         raise ValueError("--n, --batch-size and --max-new-tokens must be at least 1")
     if args.samples < 1 or (args.samples > 1 and args.temperature == 0.0):
         raise ValueError("--samples k > 1 needs --temperature > 0 (greedy samples are all the same)")
-    part, parts = parse_part(args.part) if args.part else (1, 1)
+    part = parse_part(args.part) if args.part else None  # (K, N): checked before any compute
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     print(f"device {device} | dtype {dtype} | threads {torch.get_num_threads()}")
@@ -155,9 +155,10 @@ def main(args):
         records = seeded_subset(load_gsm8k(args.config, "test", args.data_dir), None if args.full else args.n)
         print(f"GSM8K {args.config}/test: {len(records)} problems" +
               ("" if args.full else f" (seeded subset, seed {SUBSET_SEED})"))
-    if args.part:
-        records = records[part - 1::parts]
-        print(f"part {part}/{parts}: {len(records)} of them")
+    if part:
+        k, n = part
+        records = records[k - 1::n]
+        print(f"part {k}/{n}: {len(records)} of them")
     tok_source = source
     if not (source / "tokenizer.json").is_file() and (source / "adapter_config.json").is_file():  # a PEFT adapter
         tok_source = resolve(args.base_model or read_adapter_config(source)["base"])  # its base's tokenizer
