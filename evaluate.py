@@ -5,6 +5,7 @@
     python evaluate.py --model ckpt/sft-main --full --out runs/sft.jsonl
     python evaluate.py --model google/gemma-2b-it --samples 8 --temperature 0.7   # maj@8 and pass@8
     python evaluate.py --compare runs/base.jsonl runs/sft.jsonl       # paired error analysis
+    python evaluate.py --compare runs/base.jsonl runs/sft.jsonl --by-steps   # ... per length of the gold solution
     python evaluate.py --model ckpt/sft-main --full --part 1/2 --out runs/sft.1.jsonl   # and 2/2 beside it
     python evaluate.py --summary runs/sft.1.jsonl runs/sft.2.jsonl    # EM with CI of the joined rows
     python evaluate.py --model ckpt/lora-270m --heldout --n 128       # train problems it did not see
@@ -23,7 +24,7 @@ import torch
 from nanogsm import cpu
 from nanogsm.compile import compile_blocks
 from nanogsm.gsm8k import (STRATEGIES, SUBSET_SEED, SUBSET_SIZE, evaluate, heldout_subset, load_gsm8k,
-                           seeded_subset, summarize)
+                           seeded_subset, solution_steps, summarize)
 from nanogsm.lora import load_model, read_adapter_config
 from nanogsm.report import HelpFormatter, mcnemar_exact, read_jsonl, write_jsonl
 from nanogsm.tokenizer import Tokenizer
@@ -62,13 +63,17 @@ parser.add_argument("--compile", action="store_true", help="torch.compile every 
 parser.add_argument("--plain", action="store_true", help="the reference path only: no oneDNN layer on a CPU (nanogsm/cpu.py), no CUDA-graph decode steps")
 parser.add_argument("--out", help="JSONL file, one row per problem (with --prompt all: one file per strategy)")
 parser.add_argument("--compare", nargs=2, metavar=("A", "B"), help="paired comparison of two --out files")
+parser.add_argument("--by-steps", action="store_true", help="with --compare: also A's and B's right answers by the "
+                    "reasoning lines of each problem's reference answer (the --config test split's)")
 parser.add_argument("--summary", nargs="+", metavar="FILE", help="EM (with CI), format and failures of --out files "
                                                                  "(the parts of one evaluation)")
 
 
-def compare(path_a, path_b):
-    a = {r["id"]: r["correct"] for r in read_jsonl(path_a)}
-    b = {r["id"]: r["correct"] for r in read_jsonl(path_b)}
+def compare(path_a, path_b, test=None):
+    """A vs B on their shared problems; with `test` (the split's records) also by reasoning lines."""
+    rows_a, rows_b = read_jsonl(path_a), read_jsonl(path_b)
+    a = {r["id"]: r["correct"] for r in rows_a}
+    b = {r["id"]: r["correct"] for r in rows_b}
     shared = sorted(a.keys() & b.keys())
     if not shared:
         raise ValueError(f"{path_a} and {path_b} share no problem ids")
@@ -80,6 +85,17 @@ def compare(path_a, path_b):
     for name, ids in groups.items():
         print(f"| {name} | {len(ids)} | {', '.join(map(str, ids[:6]))} |")
     print(f"McNemar exact p = {mcnemar_exact(len(groups['only A']), len(groups['only B'])):.4f}")
+    if test is None:
+        return
+    for path, row in [(path_a, r) for r in rows_a] + [(path_b, r) for r in rows_b]:
+        if row["id"] >= len(test) or row.get("question", test[row["id"]]["question"]) != test[row["id"]]["question"]:
+            raise ValueError(f"{path}: problem {row['id']} is not that of the GSM8K test split (--config, --data-dir)")
+    steps = {i: solution_steps(test[i]["answer"]) for i in shared}
+    print("| reasoning lines | problems | A right | B right | only A | only B |\n|---|---|---|---|---|---|")
+    for n in sorted(set(steps.values())):
+        ids = [i for i in shared if steps[i] == n]
+        print(f"| {n} | {len(ids)} | {sum(a[i] for i in ids)} | {sum(b[i] for i in ids)} | "
+              f"{sum(a[i] and not b[i] for i in ids)} | {sum(b[i] and not a[i] for i in ids)} |")
 
 
 def read_parts(paths):
@@ -131,8 +147,10 @@ def answer_loss(model, tok, records, batch_size, device):
 
 
 def main(args):
+    if args.by_steps and not args.compare:
+        raise ValueError("--by-steps needs --compare A B")
     if args.compare:
-        return compare(*args.compare)
+        return compare(*args.compare, load_gsm8k(args.config, "test", args.data_dir) if args.by_steps else None)
     if args.summary:
         rows = read_parts(args.summary)
         return summarize(rows, " + ".join(args.summary), len(rows[0].get("completions", [None])))

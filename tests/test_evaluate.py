@@ -29,6 +29,7 @@ def run(*args, data_dir=None):
     (["--model", "gemma-3-270m", "--n", "0"], "error: --n, --batch-size and --max-new-tokens must be at least 1"),
     (["--model", "gemma-3-270m", "--part", "3/2"], "error: --part '3/2': expected K/N with 1 <= K <= N"),
     (["--model", "gemma-3-270m", "--part", "1"], "error: --part '1': expected K/N"),
+    (["--by-steps"], "error: --by-steps needs --compare A B"),
 ])
 def test_user_errors_are_one_line(args, message, data_dir):
     result = run(*args, data_dir=data_dir)
@@ -144,6 +145,24 @@ def test_compare_counts_and_mcnemar(tmp_path):
     assert "| both right | 1 | 0 |" in result.stdout and "| only A | 3 | 1, 2, 3 |" in result.stdout
     assert "| only B | 1 | 4 |" in result.stdout and "| both wrong | 1 | 5 |" in result.stdout
     assert "McNemar exact p = 0.6250" in result.stdout  # 2 * (C(4,0) + C(4,1)) / 2^4
+
+
+def test_compare_by_steps_counts_by_hand(tmp_path, data_dir):
+    # test problems 0-4: their reference answers have 2, 2, 4, 2 and 2 reasoning lines (read by hand)
+    test = load_gsm8k("main", "test", data_dir)
+    for name, flags in (("a", [True, True, True, False, False]), ("b", [True, False, False, True, True])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "question": test[i]["question"],
+                                                                    "correct": c}) + "\n"
+                                                        for i, c in enumerate(flags)))
+    result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by-steps", data_dir=data_dir)
+    assert result.returncode == 0, result.stderr
+    table = result.stdout.split("| reasoning lines |")[1].splitlines()[2:]
+    assert table == ["| 2 | 4 | 2 | 3 | 1 | 2 |", "| 4 | 1 | 1 | 0 | 1 | 0 |"]
+    # rows of another split (here: another question under id 0) are refused in one line
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": 0, "question": "How many?", "correct": True}) + "\n")
+    result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by-steps", data_dir=data_dir)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "a.jsonl: problem 0 is not that of the GSM8K test split" in result.stderr
 
 
 def test_statistics_by_hand():
