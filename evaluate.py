@@ -77,6 +77,13 @@ def compare(path_a, path_b, test=None):
     shared = sorted(a.keys() & b.keys())
     if not shared:
         raise ValueError(f"{path_a} and {path_b} share no problem ids")
+    if test is not None:  # --by-steps reads each problem's reference answer: the rows must be of this split
+        for path, rows in ((path_a, rows_a), (path_b, rows_b)):
+            for row in rows:
+                record = test[row["id"]] if row["id"] < len(test) else None
+                if record is None or row.get("question", record["question"]) != record["question"]:
+                    raise ValueError(f"{path}: problem {row['id']} is not that of the GSM8K test split "
+                                     "(--config, --data-dir)")
     cells = {"both right": (True, True), "only A": (True, False), "only B": (False, True), "both wrong": (False, False)}
     groups = {name: [i for i in shared if (a[i], b[i]) == cell] for name, cell in cells.items()}
     print(f"A = {path_a}\nB = {path_b}\n{len(shared)} shared problems: "
@@ -87,9 +94,6 @@ def compare(path_a, path_b, test=None):
     print(f"McNemar exact p = {mcnemar_exact(len(groups['only A']), len(groups['only B'])):.4f}")
     if test is None:
         return
-    for path, row in [(path_a, r) for r in rows_a] + [(path_b, r) for r in rows_b]:
-        if row["id"] >= len(test) or row.get("question", test[row["id"]]["question"]) != test[row["id"]]["question"]:
-            raise ValueError(f"{path}: problem {row['id']} is not that of the GSM8K test split (--config, --data-dir)")
     steps = {i: solution_steps(test[i]["answer"]) for i in shared}
     print("| reasoning lines | problems | A right | B right | only A | only B |\n|---|---|---|---|---|---|")
     for n in sorted(set(steps.values())):

@@ -161,7 +161,7 @@ def test_compare_by_steps_counts_by_hand(tmp_path, data_dir):
     # rows of another split (here: another question under id 0) are refused in one line
     (tmp_path / "a.jsonl").write_text(json.dumps({"id": 0, "question": "How many?", "correct": True}) + "\n")
     result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by-steps", data_dir=data_dir)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.returncode != 0 and "Traceback" not in result.stderr and result.stdout == ""
     assert "a.jsonl: problem 0 is not that of the GSM8K test split" in result.stderr
 
 
