@@ -92,6 +92,10 @@ def compare(path_a, path_b, test=None):
     for name, ids in groups.items():
         print(f"| {name} | {len(ids)} | {', '.join(map(str, ids[:6]))} |")
     print(f"McNemar exact p = {mcnemar_exact(len(groups['only A']), len(groups['only B'])):.4f}")
+    for side, rows in (("A", rows_a), ("B", rows_b)):  # what RL changes first: the length of the answers
+        texts = [r["completion"] for r in rows if r["id"] in a and r["id"] in b]
+        print(f"{side} answers: {sum(map(len, texts)) / len(texts):.0f} characters, "
+              f"{sum(map(solution_steps, texts)) / len(texts):.2f} lines before '####' on average")
     if test is None:
         return
     steps = {i: solution_steps(test[i]["answer"]) for i in shared}

@@ -137,11 +137,14 @@ def test_answer_loss_equals_hf_loss_on_the_gold_answers(tiny_with_tokenizer, dat
 def test_compare_counts_and_mcnemar(tmp_path):
     a = [True, True, True, True, False, False]
     b = [True, False, False, False, True, False]
+    texts = {"a": ["x = <<1+1=2>>2\n#### 2"] * 6, "b": ["#### 2", "1\n2\n3\n#### 3"] * 3}
     for name, flags in (("a", a), ("b", b)):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "correct": c}) + "\n"
-                                                        for i, c in enumerate(flags)))
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "correct": c, "completion": t}) + "\n"
+                                                        for i, (c, t) in enumerate(zip(flags, texts[name]))))
     result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
     assert result.returncode == 0, result.stderr
+    assert "A answers: 21 characters, 1.00 lines before '####'" in result.stdout  # 14 + 1 + 6 characters, 1 line
+    assert "B answers: 9 characters, 1.50 lines before '####'" in result.stdout  # (6 + 12) / 2, (0 + 3) / 2
     assert "| both right | 1 | 0 |" in result.stdout and "| only A | 3 | 1, 2, 3 |" in result.stdout
     assert "| only B | 1 | 4 |" in result.stdout and "| both wrong | 1 | 5 |" in result.stdout
     assert "McNemar exact p = 0.6250" in result.stdout  # 2 * (C(4,0) + C(4,1)) / 2^4
@@ -152,7 +155,7 @@ def test_compare_by_steps_counts_by_hand(tmp_path, data_dir):
     test = load_gsm8k("main", "test", data_dir)
     for name, flags in (("a", [True, True, True, False, False]), ("b", [True, False, False, True, True])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "question": test[i]["question"],
-                                                                    "correct": c}) + "\n"
+                                                                    "correct": c, "completion": "#### 1"}) + "\n"
                                                         for i, c in enumerate(flags)))
     result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by-steps", data_dir=data_dir)
     assert result.returncode == 0, result.stderr
