@@ -69,9 +69,19 @@ parser.add_argument("--summary", nargs="+", metavar="FILE", help="EM (with CI), 
                                                                  "(the parts of one evaluation)")
 
 
+def read_rows(path, fields):
+    """The rows of an --out file, each checked for the fields the caller reads."""
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        missing = [field for field in fields if not isinstance(row, dict) or field not in row]
+        if missing:
+            raise ValueError(f"{path}:{i + 1}: no {', '.join(missing)} (expected a row of evaluate.py --out)")
+    return rows
+
+
 def compare(path_a, path_b, test=None):
     """A vs B on their shared problems; with `test` (the split's records) also by reasoning lines."""
-    rows_a, rows_b = read_jsonl(path_a), read_jsonl(path_b)
+    rows_a, rows_b = (read_rows(path, ("id", "correct", "completion")) for path in (path_a, path_b))
     a = {r["id"]: r["correct"] for r in rows_a}
     b = {r["id"]: r["correct"] for r in rows_b}
     shared = sorted(a.keys() & b.keys())
@@ -108,7 +118,8 @@ def compare(path_a, path_b, test=None):
 
 def read_parts(paths):
     """The rows of one evaluation's --out files (its --part files), each problem once."""
-    rows = [row for path in paths for row in read_jsonl(path)]
+    fields = ("id", "correct", "flexible_correct", "extracted", "kind")  # what summarize reads
+    rows = [row for path in paths for row in read_rows(path, fields)]
     if not rows:
         raise ValueError(f"{' '.join(map(str, paths))}: no rows")
     ids = [r["id"] for r in rows]

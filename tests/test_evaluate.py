@@ -70,6 +70,10 @@ def test_parts_of_an_evaluation_join_to_the_whole_run(tmp_path, tiny_with_tokeni
     assert f"strict EM {sum(r['correct'] for r in whole)}/5 =" in summary.stdout
     twice = run("--summary", str(tmp_path / "p1.jsonl"), str(tmp_path / "all.jsonl"))
     assert twice.returncode != 0 and "a problem id appears twice" in twice.stderr and "Traceback" not in twice.stderr
+    (tmp_path / "hand.jsonl").write_text(json.dumps({"id": 0, "correct": True, "completion": "#### 1"}) + "\n")
+    hand = run("--summary", str(tmp_path / "hand.jsonl"))  # a row with fewer fields than --out writes
+    assert hand.returncode != 0 and "Traceback" not in hand.stderr
+    assert "hand.jsonl:1: no flexible_correct, extracted, kind (expected a row of evaluate.py --out)" in hand.stderr
 
 
 def test_heldout_scores_train_problems_the_run_did_not_see(tmp_path, tiny_with_tokenizer, data_dir):
@@ -148,6 +152,11 @@ def test_compare_counts_and_mcnemar(tmp_path):
     assert "| both right | 1 | 0 |" in result.stdout and "| only A | 3 | 1, 2, 3 |" in result.stdout
     assert "| only B | 1 | 4 |" in result.stdout and "| both wrong | 1 | 5 |" in result.stdout
     assert "McNemar exact p = 0.6250" in result.stdout  # 2 * (C(4,0) + C(4,1)) / 2^4
+    # a row without a field compare reads: one line naming the file, the line and the field
+    (tmp_path / "b.jsonl").write_text(json.dumps({"id": 0, "correct": True}) + "\n")
+    result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr and result.stdout == ""
+    assert "b.jsonl:1: no completion (expected a row of evaluate.py --out)" in result.stderr
 
 
 def test_compare_by_steps_counts_by_hand(tmp_path, data_dir):
@@ -162,7 +171,8 @@ def test_compare_by_steps_counts_by_hand(tmp_path, data_dir):
     table = result.stdout.split("| reasoning lines |")[1].splitlines()[2:]
     assert table == ["| 2 | 4 | 2 | 3 | 1 | 2 |", "| 4 | 1 | 1 | 0 | 1 | 0 |"]
     # rows of another split (here: another question under id 0) are refused in one line
-    (tmp_path / "a.jsonl").write_text(json.dumps({"id": 0, "question": "How many?", "correct": True}) + "\n")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": 0, "question": "How many?", "correct": True,
+                                                  "completion": "#### 1"}) + "\n")
     result = run("--compare", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--by-steps", data_dir=data_dir)
     assert result.returncode != 0 and "Traceback" not in result.stderr and result.stdout == ""
     assert "a.jsonl: problem 0 is not that of the GSM8K test split" in result.stderr
