@@ -71,11 +71,12 @@ parser.add_argument("--summary", nargs="+", metavar="FILE", help="EM (with CI), 
 
 def read_rows(path, fields):
     """The rows of an --out file, each checked for the fields the caller reads."""
-    rows = read_jsonl(path)
-    for i, row in enumerate(rows):
+    rows = []
+    for where, row in read_jsonl(path):
         missing = [field for field in fields if not isinstance(row, dict) or field not in row]
         if missing:
-            raise ValueError(f"{path}:{i + 1}: no {', '.join(missing)} (expected a row of evaluate.py --out)")
+            raise ValueError(f"{where}: no {', '.join(missing)} (expected a row of evaluate.py --out)")
+        rows.append(row)
     return rows
 
 

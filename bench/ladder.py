@@ -17,7 +17,6 @@ stage runs and the table is printed, not a measurement. The GPU sizes are estima
 figures in docs/BENCHMARKS.md (a study-scale PPO step ~91 s); the ladder has not run on a GPU yet.
 """
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -73,7 +72,7 @@ def main(args):
         seconds = run(cmd, log)
         em = fmt = ""
         if result is not None:
-            scored = read_jsonl(result)
+            scored = [row for _, row in read_jsonl(result)]
             k, n = sum(r["correct"] for r in scored), len(scored)
             lo, hi = wilson_interval(k, n)
             em = f"{100 * k / n:.1f} ({100 * lo:.1f}-{100 * hi:.1f}) of {n}"
@@ -83,7 +82,7 @@ def main(args):
                              capture_output=True, text=True)
     if compare.returncode:
         sys.exit(f"error: evaluate.py --compare failed (exit {compare.returncode}): {compare.stderr.strip()}")
-    steps = [json.loads(line) for line in (out / "rl" / "log.jsonl").read_text().splitlines()]
+    steps = [row for _, row in read_jsonl(out / "rl" / "log.jsonl")]
     table = "\n".join(rows) + f"\n\nRL steps run: {len(steps)}\n\nSFT (A) vs GRPO (B):\n{compare.stdout}"
     (out / "table.md").write_text(table)
     print(table)

@@ -1,7 +1,6 @@
 """GSM8K: loading, the seeded test subset, the study's four prompt strategies, answer extraction,
 scoring. The calculator for `<<expr=result>>` annotations is nanogsm/calculator.py."""
 import functools
-import json
 import os
 import random
 import re
@@ -9,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from nanogsm.generate import generate
-from nanogsm.report import progress, wilson_interval
+from nanogsm.report import progress, read_jsonl, wilson_interval
 
 CONFIGS = ("main", "socratic")
 SPLITS = ("train", "test")
@@ -91,14 +90,7 @@ def load_gsm8k(config="main", split="test", data_dir=None):
         raise ValueError(f"GSM8K data folder {folder} does not exist (--data-dir / NANOGSM_DATA_DIR)")
     name = f"{split}.jsonl" if config == "main" else f"{split}_socratic.jsonl"
     if folder is not None and (folder / name).is_file():
-        path = folder / name
-        lines = [(f"{path}:{i + 1}", line) for i, line in enumerate(path.read_text().splitlines()) if line.strip()]
-        rows = []
-        for where, line in lines:
-            try:
-                rows.append((where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        rows = read_jsonl(folder / name)
     else:
         rows = hub_rows(config, split)
     return [make_record(i, where, row) for i, (where, row) in enumerate(rows)]

@@ -1,5 +1,5 @@
 """Small reporting helpers shared by the scripts: `--help`'s format, a progress bar, confidence
-intervals, McNemar's exact test, and atomic JSONL writing."""
+intervals, McNemar's exact test, JSONL reading and atomic writing."""
 import argparse
 import json
 import math
@@ -61,13 +61,16 @@ def write_jsonl(path, rows):
 
 
 def read_jsonl(path):
+    """[(where, row)] of a JSONL file, where = "path:line" for error messages; blank lines skipped."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     rows = []
     for i, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
+            rows.append((f"{path}:{i + 1}", json.loads(line)))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg})") from None
     return rows

@@ -102,6 +102,15 @@ def test_malformed_lines_name_file_and_line(tmp_path, line, message):
         load_gsm8k("main", "test", tmp_path)
 
 
+def test_blank_lines_are_skipped_and_errors_keep_the_file_line(tmp_path):
+    good = json.dumps({"question": "What is 1+1?", "answer": "1+1=2\n#### 2"})
+    (tmp_path / "test.jsonl").write_text(good + "\n\n" + good + "\n")
+    assert [r["id"] for r in load_gsm8k("main", "test", tmp_path)] == [0, 1]
+    (tmp_path / "test.jsonl").write_text(good + "\n\n" + good + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"test\.jsonl:4: not valid JSON"):
+        load_gsm8k("main", "test", tmp_path)
+
+
 def test_bad_config_split_and_folder(tmp_path):
     with pytest.raises(ValueError, match="unknown GSM8K config 'mian'"):
         load_gsm8k("mian", "test", tmp_path)
