@@ -18,7 +18,6 @@ from nanogsm import cpu
 from nanogsm.compile import compile_blocks
 from nanogsm.lora import (DEFAULT_TARGETS, adapter_config, adapter_state, apply_lora,
                           count_parameters, load_adapter, load_model, merge_lora, store_base_in)
-from nanogsm.model import Gemma
 from nanogsm.report import HelpFormatter, progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (bf16_compute, collate, eval_em, load_trainer_state, log_step, lr_at, peak_memory_gb,
@@ -45,7 +44,7 @@ def main(args):
     examples, micro_batches, total_steps = sft_data(tok, args)
 
     # ---- model and optimizer
-    model = Gemma.from_pretrained(source, dtype=torch.float32, device=device)
+    model = merge_lora(load_model(source, dtype=torch.float32, device=device))  # an adapter --model: folded in
     if args.resume:
         load_adapter(model, out)
     else:

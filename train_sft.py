@@ -18,7 +18,7 @@ import torch
 
 from nanogsm import cpu
 from nanogsm.compile import compile_blocks
-from nanogsm.model import Gemma
+from nanogsm.lora import load_model, merge_lora
 from nanogsm.report import HelpFormatter, progress
 from nanogsm.tokenizer import Tokenizer
 from nanogsm.train import (collate, eval_em, load_trainer_state, log_step, lr_at, peak_memory_gb, save_checkpoint,
@@ -39,7 +39,8 @@ def main(args):
     examples, micro_batches, total_steps = sft_data(tok, args)
 
     # ---- model and optimizer
-    model = Gemma.from_pretrained(out if args.resume else source, dtype=torch.float32, device=device)
+    model = merge_lora(load_model(out if args.resume else source, dtype=torch.float32, device=device))  # an adapter: folded in
+    model.requires_grad_(True)  # every weight trains (an adapter's base comes frozen)
     model.grad_checkpointing = args.grad_checkpointing
     if device == "cpu" and not args.plain:  # (before sharding: FSDP gathers weights into the modules it sees)
         cpu.speed_up(model)  # oneDNN products, the same results faster (nanogsm/cpu.py)

@@ -73,7 +73,8 @@ def sft_arguments(parser):
     """The flags train_sft.py and train_lora.py share (the study's SFT defaults)."""
     add = parser.add_argument
     add("--data", default="main", help="GSM8K config to train on: main | socratic")
-    add("--model", default="google/gemma-2b-it", help="model to start from (name, folder, Hub id)")
+    add("--model", default="google/gemma-2b-it",
+        help="model to start from (name, folder, Hub id; an adapter folder: its base with the adapter merged in)")
     add("--out", help="checkpoint folder (default ckpt/<method>-<data>)")
     add("--data-dir", help="folder of GSM8K jsonl files (default NANOGSM_DATA_DIR, else the Hub)")
     add("--max-examples", type=int, help="train on a seeded subset of N examples only (CPU runs)")

@@ -200,6 +200,27 @@ def test_lora_merge_and_evaluate_the_adapter_folder(tiny_with_tokenizer, tmp_pat
     assert ev.returncode == 0 and "strict EM" in ev.stdout, ev.stderr
 
 
+@pytest.mark.parametrize("script", ["train_sft.py", "train_lora.py"])
+def test_training_continues_from_an_adapter_folder(script, tiny_with_tokenizer, tmp_path, data_dir):
+    """--model an adapter folder: the run starts from its base with the adapter folded in, the same
+    first loss as from the merged checkpoint; a LoRA on top loads back through the chain of bases."""
+    common = ["--max-examples", 4, "--batch-size", 2, "--grad-accum", 2, "--max-seq-length", 256, "--eval-n", 0]
+    first = train("--model", tiny_with_tokenizer, *common, "--epochs", 5, "--lr", 1e-2, "--r", 4, "--alpha", 8, "--merge",
+                  "--out", tmp_path / "lora", data_dir=data_dir, script="train_lora.py")
+    assert first.returncode == 0, first.stderr
+    first_loss = {}
+    for name, start in [("base", tiny_with_tokenizer), ("adapter", tmp_path / "lora"), ("merged", tmp_path / "lora" / "merged")]:
+        result = train("--model", start, *common, "--out", tmp_path / name, data_dir=data_dir, script=script)
+        assert result.returncode == 0, result.stderr
+        first_loss[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert first_loss["adapter"] == pytest.approx(first_loss["merged"], rel=1e-4)
+    assert first_loss["adapter"] < first_loss["base"] - 0.05  # the first adapter's training is kept
+    x = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "adapter")(x), load_model(tmp_path / "merged")(x),
+                                   atol=5e-3, rtol=1e-3)  # one Adam step apart: rounding flips a few signs
+
+
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])  # gemma2: the final soft-cap sits inside the chunked head
 def test_chunked_loss_equals_full_logits_loss(family, hf_checkpoint):
     import torch.nn.functional as F
