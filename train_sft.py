@@ -39,8 +39,8 @@ def main(args):
     examples, micro_batches, total_steps = sft_data(tok, args)
 
     # ---- model and optimizer
-    model = merge_lora(load_model(out if args.resume else source, dtype=torch.float32, device=device))  # an adapter: folded in
-    model.requires_grad_(True)  # every weight trains (an adapter's base comes frozen)
+    model = merge_lora(load_model(out if args.resume else source, dtype=torch.float32, device=device))
+    model.requires_grad_(True)  # every weight trains (an adapter --model comes merged into its frozen base)
     model.grad_checkpointing = args.grad_checkpointing
     if device == "cpu" and not args.plain:  # (before sharding: FSDP gathers weights into the modules it sees)
         cpu.speed_up(model)  # oneDNN products, the same results faster (nanogsm/cpu.py)

@@ -205,11 +205,12 @@ def test_training_continues_from_an_adapter_folder(script, tiny_with_tokenizer, 
     """--model an adapter folder: the run starts from its base with the adapter folded in, the same
     first loss as from the merged checkpoint; a LoRA on top loads back through the chain of bases."""
     common = ["--max-examples", 4, "--batch-size", 2, "--grad-accum", 2, "--max-seq-length", 256, "--eval-n", 0]
-    first = train("--model", tiny_with_tokenizer, *common, "--epochs", 5, "--lr", 1e-2, "--r", 4, "--alpha", 8, "--merge",
-                  "--out", tmp_path / "lora", data_dir=data_dir, script="train_lora.py")
+    first = train("--model", tiny_with_tokenizer, *common, "--epochs", 5, "--lr", 1e-2, "--r", 4, "--alpha", 8,
+                  "--merge", "--out", tmp_path / "lora", data_dir=data_dir, script="train_lora.py")
     assert first.returncode == 0, first.stderr
     first_loss = {}
-    for name, start in [("base", tiny_with_tokenizer), ("adapter", tmp_path / "lora"), ("merged", tmp_path / "lora" / "merged")]:
+    starts = {"base": tiny_with_tokenizer, "adapter": tmp_path / "lora", "merged": tmp_path / "lora" / "merged"}
+    for name, start in starts.items():
         result = train("--model", start, *common, "--out", tmp_path / name, data_dir=data_dir, script=script)
         assert result.returncode == 0, result.stderr
         first_loss[name] = json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[0])["loss"]
