@@ -17,7 +17,8 @@ al. 2019; Ouyang et al. 2022):
     random numbers, seeded by (--seed, s, j), the same however it is batched and on whichever rank
     (its tokens too where its logits agree to the last bit; README, "Several GPUs").
  2. Score: +1 when the number after '####' equals the gold answer, else `--wrong-reward` (0), plus
-    `--format-bonus` when the response has a parsable '####' answer.
+    `--format-bonus` when the response has a parsable '####' answer; with `--step-reward W` a wrong
+    answer adds W x its step credit (below).
  3. Old log-probs and values (policy + value head) and reference log-probs (the frozen init
     weights; with --lora the same weights with adapters disabled), all recomputed by the trainer.
  4. Per-token reward: -kl_coef * KL estimate (k1, or k3 with --kl k3) on every response token,
@@ -46,6 +47,10 @@ The study's recipe is the default. Options of later small-model RL work (each te
   --max-gold-steps N   a curriculum: only train problems whose reference answer has at most N
                        reasoning lines. A small start solves the short ones, so their groups'
                        rewards differ where those of hard ones are all 0.
+  --step-reward W      a wrong answer scores W x the F1 of its `<<expr=result>>` results against the
+                       reference answer's (partial credit for the right intermediate quantities;
+                       W < 1 keeps every right answer above every wrong one): groups whose answers
+                       are all wrong still differ, so far more of them carry a signal.
   --temperature T      rollouts sample softmax(logits / T); the loss still uses the policy's own
                        (T = 1) log-probs, as the engine returns them: with T < 1 the rollouts sit
                        nearer the greedy answers that evaluation scores (an off-policy sample).
@@ -80,7 +85,7 @@ from nanogsm import cpu
 from nanogsm.calculator import forced_mask
 from nanogsm.compile import compile_blocks
 from nanogsm.generate import generate
-from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number, solution_steps
+from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number, solution_steps, step_credit
 from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled, merge_lora
 from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, informative_groups, pack,
                          ppo_update, score_responses, take, token_rewards, used_lengths, whiten)
@@ -135,6 +140,8 @@ parser.add_argument("--temperature", type=float, default=1.0, help="rollout samp
 parser.add_argument("--max-new-tokens", type=int, default=256, help="response budget")
 parser.add_argument("--wrong-reward", type=float, default=0.0, help="reward of a wrong answer")
 parser.add_argument("--format-bonus", type=float, default=0.0, help="extra reward for a parsable '####' answer")
+parser.add_argument("--step-reward", type=float, default=0.0, help="a wrong answer's reward adds this x the F1 of its "
+                    "annotation results against the reference's (0 <= W < 1)")
 parser.add_argument("--lora", action="store_true", help="train LoRA adapters; the reference is the adapters off")
 parser.add_argument("--lora-r", type=int, default=16, help="LoRA rank with --lora")
 parser.add_argument("--lora-alpha", type=float, default=32, help="LoRA alpha with --lora")
@@ -164,6 +171,9 @@ def main(args):
         raise ValueError(f"--fill-rounds must be 0 or more (got {args.fill_rounds})")
     if args.max_gold_steps is not None and args.max_gold_steps < 1:
         raise ValueError(f"--max-gold-steps must be at least 1 (got {args.max_gold_steps})")
+    if not 0 <= args.step_reward < 1:
+        raise ValueError(f"--step-reward must be in [0, 1) so that a right answer outscores any wrong one "
+                         f"(got {args.step_reward})")
     if args.gen_batch < 1:
         raise ValueError(f"--gen-batch must be at least 1 (got {args.gen_batch})")
     if args.grad_accum % world:
@@ -238,7 +248,7 @@ def main(args):
         save_checkpoint(out, model, out if args.resume else source, args, step, optimizer, metrics, adapter, extra)
 
     def rollouts(picked, step, first):
-        """Prompts, responses, engine log-probs (with --on-policy) and scores for the records `picked`;
+        """Prompts, responses, engine log-probs (with --on-policy), scores and rightness for the records `picked`;
         rollout j samples with seed [seed, step, first + j]. Under torchrun rank r generates chunks
         r, r + N, ... of --ppo-batch rollouts, and every rank gets them all."""
         prompts = [tok.encode(build_prompt(r["question"], "zero-shot")) for r in picked]
@@ -257,10 +267,11 @@ def main(args):
         got = {j: v for part in everyone for j, v in part.items()}
         responses, logprobs = [got[j][0] for j in range(len(prompts))], [got[j][1] for j in range(len(prompts))]
         texts = [tok.decode(r) for r in responses]
-        scores = torch.tensor([(1.0 if same_number(extract_answer(t), r["gold"]) else args.wrong_reward) +
-                               (args.format_bonus if extract_answer(t) is not None else 0.0)
-                               for t, r in zip(texts, picked)])
-        return prompts, responses, logprobs, scores
+        right = torch.tensor([same_number(extract_answer(t), r["gold"]) for t, r in zip(texts, picked)])
+        credit = torch.tensor([step_credit(t, r["answer"]) if args.step_reward else 0.0 for t, r in zip(texts, picked)])
+        parsed = torch.tensor([extract_answer(t) is not None for t in texts])
+        scores = torch.where(right, 1.0, args.wrong_reward + args.step_reward * credit) + args.format_bonus * parsed
+        return prompts, responses, logprobs, scores, right
 
     # ---- loop
     metrics, t_start, last = {}, time.perf_counter(), args.steps
@@ -276,14 +287,15 @@ def main(args):
         # 1-2. rollouts and their scores; with dynamic sampling only groups whose rewards differ stay
         t0 = time.perf_counter()
         model.eval()
-        prompts, responses, engine_logprobs, kept_scores, seen = [], [], [], [], []
+        prompts, responses, engine_logprobs, kept_scores, seen, seen_right = [], [], [], [], [], []
         for attempt in range(1 + (args.fill_rounds if args.dynamic_sampling == "fill" else 0)):
             # attempt 0: the next prompts of the shuffled order; fill rounds: prompts from its far end
             at = [step * n_prompts + i if attempt == 0 else -1 - ((step * args.fill_rounds + attempt - 1) * n_prompts + i)
                   for i in range(n_prompts)]
             picked = [records[order[i % len(records)]] for i in at for _ in range(k)]  # k samples per prompt
-            p, r, lp, scores = rollouts(picked, step, attempt * len(picked))
+            p, r, lp, scores, right = rollouts(picked, step, attempt * len(picked))
             seen.append(scores)
+            seen_right.append(right)
             keep = informative_groups(scores, k) if args.dynamic_sampling != "off" else torch.ones(n_prompts, dtype=torch.bool)
             rows = [g * k + i for g in keep.nonzero()[:, 0].tolist() for i in range(k)]
             prompts, responses = prompts + [p[j] for j in rows], responses + [r[j] for j in rows]
@@ -296,6 +308,7 @@ def main(args):
         t_gen = time.perf_counter() - t0
         informative = informative_groups(seen, k)  # (groups generated,)
         record = {"step": step + 1, "rollout/reward_mean": seen.mean().item(), "rollout/generated": len(seen),
+                  "rollout/right": torch.cat(seen_right).float().mean().item(),
                   "rollout/frac_same_reward": 1 - informative.float().mean().item()}
         if args.dynamic_sampling != "off":
             record["rollout/groups_skipped"] = int((~informative).sum())

@@ -230,6 +230,27 @@ def same_number(a, b):
     return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
+ANNOTATION = re.compile(r"<<[^<>]*=([^<>=]*)>>")  # <<48/2=24>> -> "24"
+
+
+def annotation_results(text):
+    """The results of a text's `<<expr=result>>` annotations as numbers, each once, in order."""
+    values = [to_number(found.strip().rstrip(".")) for found in ANNOTATION.findall(text)]
+    return [v for i, v in enumerate(values) if v is not None and not any(same_number(v, w) for w in values[:i])]
+
+
+def step_credit(text, answer):
+    """Partial credit for the intermediate results: the F1 of the annotation results of `text`
+    against those of the reference `answer`; 0 when either has none. Recall rewards the reference's
+    steps found, precision keeps padding with extra annotations from paying."""
+    mine, gold = annotation_results(text), annotation_results(answer)
+    if not mine or not gold:
+        return 0.0
+    precision = sum(any(same_number(m, g) for g in gold) for m in mine) / len(mine)
+    recall = sum(any(same_number(m, g) for m in mine) for g in gold) / len(gold)
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
 def is_correct(completion, gold_answer):
     """Strict exact match: the number after '####' equals the gold number (a string or a float)."""
     gold = extract_answer(gold_answer) if isinstance(gold_answer, str) else gold_answer

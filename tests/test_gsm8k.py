@@ -6,7 +6,7 @@ import pytest
 from nanogsm.calculator import calculate, forced_mask
 from nanogsm.gsm8k import (STRATEGIES, build_prompt, extract_answer, extract_last_number, five_shot_examples,
                            heldout_subset, is_correct, lm_eval_match, load_gsm8k, score, seeded_subset,
-                           solution_steps)
+                           solution_steps, step_credit)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -27,6 +27,22 @@ def test_is_correct_and_flexible():
     assert extract_last_number("first 3 then $1,200.5 done.") == 1200.5
     assert extract_last_number("went down by -4") == -4
     assert extract_last_number("none") is None
+
+
+GOLD = "48/2 = <<48/2=24>>24 in May.\n48+24 = <<48+24=72>>72 in all.\n#### 72"
+
+
+@pytest.mark.parametrize("text, credit", [
+    (GOLD, 1.0),
+    ("<<48/2=24>>24 then <<24*2=48>>48 #### 48", 0.5),  # precision 1/2, recall 1/2
+    ("<<48/2=24>>24 #### 24", 2 / 3),  # precision 1, recall 1/2
+    ("<<48/2=24>>24 <<1+1=2>>2 <<2+1=3>>3 <<48+24=72>>72", 2 * 0.5 * 1 / 1.5),  # padding: precision 2/4, recall 1
+    ("<<48/2=24.0>>24 <<72=72>> <<2*12=24>>", 1.0),  # 24.0 is 24; a result counts once
+    ("24 and 72, no annotations #### 72", 0.0), ("<<1+1=2>>2", 0.0), ("<<x=>> #### 3", 0.0),
+])
+def test_step_credit_by_hand(text, credit):
+    assert step_credit(text, GOLD) == pytest.approx(credit)
+    assert step_credit(text, "no annotations #### 72") == 0.0
 
 
 @pytest.mark.parametrize("expr, value", [

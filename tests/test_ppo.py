@@ -344,7 +344,7 @@ SMALL = ["--rollouts", 4, "--ppo-batch", 2, "--minibatch", 2, "--grad-accum", 1,
 
 OURS = ["--algo", "grpo", "--group-size", 2, "--grad-accum", 2, "--ppo-epochs", 1, "--on-policy", "--kl-coef", 0, "--ent-coef", 0,
         "--adv-std", "off", "--loss-norm", "constant", "--clip-high", 0.28, "--calculator", "--max-gold-steps", 2,
-        "--temperature", 0.7]
+        "--temperature", 0.7, "--step-reward", 0.5]
 
 
 @pytest.mark.parametrize("extra", [[], ["--algo", "grpo", "--group-size", 2], ["--lora", "--lora-r", 2], OURS],
@@ -423,6 +423,7 @@ def test_an_adapter_init_is_the_start_and_the_reference(lora, tiny_with_tokenize
     (["--algo", "grpo", "--group-size", 1, "--rollouts", 4, "--ppo-batch", 2, "--minibatch", 2, "--grad-accum", 1],
      "--algo grpo needs --group-size >= 2"),
     (["--gen-batch", 0], "--gen-batch must be at least 1 (got 0)"),
+    (["--step-reward", 1], "--step-reward must be in [0, 1) so that a right answer outscores any wrong one (got 1.0)"),
     (["--fill-rounds", -1], "--fill-rounds must be 0 or more (got -1)"),
     ([*SMALL, "--dynamic-sampling", "skip"], "--dynamic-sampling skip needs --group-size >= 2"),
     ([*SMALL, "--algo", "grpo", "--group-size", 2, "--on-policy"], "--on-policy uses each batch for one optimizer step"),
