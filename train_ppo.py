@@ -85,7 +85,7 @@ from nanogsm import cpu
 from nanogsm.calculator import forced_mask
 from nanogsm.compile import compile_blocks
 from nanogsm.generate import generate
-from nanogsm.gsm8k import build_prompt, extract_answer, load_gsm8k, same_number, solution_steps, step_credit
+from nanogsm.gsm8k import build_prompt, load_gsm8k, reward, solution_steps
 from nanogsm.lora import adapter_config, adapter_state, apply_lora, load_model, lora_disabled, merge_lora
 from nanogsm.ppo import (ValueHead, compute_gae, explained_variance, grpo_advantages, informative_groups, pack,
                          ppo_update, score_responses, take, token_rewards, used_lengths, whiten)
@@ -266,11 +266,9 @@ def main(args):
             dist.all_gather_object(everyone, mine)
         got = {j: v for part in everyone for j, v in part.items()}
         responses, logprobs = [got[j][0] for j in range(len(prompts))], [got[j][1] for j in range(len(prompts))]
-        texts = [tok.decode(r) for r in responses]
-        right = torch.tensor([same_number(extract_answer(t), r["gold"]) for t, r in zip(texts, picked)])
-        credit = torch.tensor([step_credit(t, r["answer"]) if args.step_reward else 0.0 for t, r in zip(texts, picked)])
-        parsed = torch.tensor([extract_answer(t) is not None for t in texts])
-        scores = torch.where(right, 1.0, args.wrong_reward + args.step_reward * credit) + args.format_bonus * parsed
+        scored = [reward(tok.decode(resp), r, args.wrong_reward, args.step_reward, args.format_bonus)
+                  for resp, r in zip(responses, picked)]
+        scores, right = torch.tensor([s for s, _ in scored]), torch.tensor([ok for _, ok in scored])
         return prompts, responses, logprobs, scores, right
 
     # ---- loop

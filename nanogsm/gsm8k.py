@@ -251,6 +251,15 @@ def step_credit(text, answer):
     return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
 
 
+def reward(text, record, wrong=0.0, step=0.0, format_bonus=0.0):
+    """An RL response's reward and whether it is right: 1 when its '####' number is the gold answer,
+    else `wrong` + `step` x its step credit; plus `format_bonus` when it has a '####' number."""
+    answer = extract_answer(text)
+    right = same_number(answer, record["gold"])
+    score = 1.0 if right else wrong + (step * step_credit(text, record["answer"]) if step else 0.0)
+    return score + (format_bonus if answer is not None else 0.0), right
+
+
 def is_correct(completion, gold_answer):
     """Strict exact match: the number after '####' equals the gold number (a string or a float)."""
     gold = extract_answer(gold_answer) if isinstance(gold_answer, str) else gold_answer

@@ -6,7 +6,7 @@ import pytest
 from nanogsm.calculator import calculate, forced_mask
 from nanogsm.gsm8k import (STRATEGIES, build_prompt, extract_answer, extract_last_number, five_shot_examples,
                            heldout_subset, is_correct, lm_eval_match, load_gsm8k, score, seeded_subset,
-                           solution_steps, step_credit)
+                           reward, solution_steps, step_credit)
 
 
 @pytest.mark.parametrize("text, value", [
@@ -37,12 +37,23 @@ GOLD = "48/2 = <<48/2=24>>24 in May.\n48+24 = <<48+24=72>>72 in all.\n#### 72"
     ("<<48/2=24>>24 then <<24*2=48>>48 #### 48", 0.5),  # precision 1/2, recall 1/2
     ("<<48/2=24>>24 #### 24", 2 / 3),  # precision 1, recall 1/2
     ("<<48/2=24>>24 <<1+1=2>>2 <<2+1=3>>3 <<48+24=72>>72", 2 * 0.5 * 1 / 1.5),  # padding: precision 2/4, recall 1
-    ("<<48/2=24.0>>24 <<72=72>> <<2*12=24>>", 1.0),  # 24.0 is 24; a result counts once
+    ("<<48/2=24.0>>24 <<72=72>>", 1.0),  # 24.0 is 24
+    ("<<48/2=24>>24 <<12*2=24>>24 <<1+1=2>>2", 0.5),  # a repeated result counts once: precision 1/2, not 2/3
     ("24 and 72, no annotations #### 72", 0.0), ("<<1+1=2>>2", 0.0), ("<<x=>> #### 3", 0.0),
 ])
 def test_step_credit_by_hand(text, credit):
     assert step_credit(text, GOLD) == pytest.approx(credit)
     assert step_credit(text, "no annotations #### 72") == 0.0
+
+
+def test_reward_by_hand():
+    record = {"gold": 72.0, "answer": GOLD}
+    half = "<<48/2=24>>24 then <<24*2=48>>48"  # step credit 0.5
+    assert reward(half + " #### 72", record, step=0.5) == (1.0, True)  # a right answer gets no partial credit
+    assert reward(half + " #### 48", record, step=0.5) == (0.25, False)
+    assert reward(half + " #### 48", record) == (0.0, False)  # the study's reward
+    assert reward(half + " #### 48", record, wrong=-1, step=0.5, format_bonus=0.1) == (pytest.approx(-0.65), False)
+    assert reward(half, record, wrong=-1, step=0.5, format_bonus=0.1) == (-0.75, False)  # no '####': no bonus
 
 
 @pytest.mark.parametrize("expr, value", [
