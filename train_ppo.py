@@ -189,7 +189,7 @@ def main(args):
                          f"({args.minibatch * args.grad_accum})")
     source = resolve(args.init)
     tok = Tokenizer.from_pretrained(source)
-    print("settings: " + " ".join(f"{key}={value}" for key, value in vars(args).items()) + f" group_size={k}")
+    print("settings: " + " ".join(f"{key}={value}" for key, value in {**vars(args), "group_size": k}.items()))
     device = pick_device()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
     seed_everything(args.seed)
