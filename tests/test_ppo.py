@@ -460,5 +460,8 @@ def test_train_ppo_compile_gives_the_eager_step(tiny_with_tokenizer, tmp_path, d
     eager, compiled = logs
     assert compiled["rollout/response_len"] == eager["rollout/response_len"]  # the same sampled rollouts
     assert eager["rollout/reward_mean"] == -1 and eager["params/grad_norm"] > 0.1
-    for key in ("rollout/kl_ref", "loss/policy", "loss/value", "loss/approx_kl", "loss/entropy", "params/grad_norm"):
+    # The policy and the reference are compiled apart, so at step 1 their KL is 0 only up to the last bits
+    # of their kernels (4.6e-5 nats in some runs on an Intel Xeon), where eager mode gives exactly 0.
+    assert eager["rollout/kl_ref"] == 0 and abs(compiled["rollout/kl_ref"]) < 1e-4
+    for key in ("loss/policy", "loss/value", "loss/approx_kl", "loss/entropy", "params/grad_norm"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
