@@ -256,7 +256,7 @@ def reward(text, record, wrong=0.0, step=0.0, format_bonus=0.0):
     else `wrong` + `step` x its step credit; plus `format_bonus` when it has a '####' number."""
     answer = extract_answer(text)
     right = same_number(answer, record["gold"])
-    score = 1.0 if right else wrong + (step * step_credit(text, record["answer"]) if step else 0.0)
+    score = 1.0 if right else wrong + step * step_credit(text, record["answer"])
     return score + (format_bonus if answer is not None else 0.0), right
 
 
