@@ -6,7 +6,7 @@
 # The default parts are what the open targets need, and their limits (380 s) fit one device call in
 # a 15-minute lease with time left to rerun: tests (the CUDA tests), decode-compiled (decode at batch
 # 1, % of the bandwidth bound) and mfu (full SFT + --compile at the study's 2 micro-batches a step).
-# On request: train decode decode-256 train-compile train-compare profile ppo ppo-study rollouts.
+# On request: train decode decode-256 train-compile train-compare profile ppo ppo-study rollouts ladder.
 set -u
 out=${OUT:-runs}
 mkdir -p "$out"
@@ -46,6 +46,11 @@ fi
 # machine with internet, not the device tool's (no internet there, and 253 MB is more than a call carries)
 want rollouts && { timeout 200 "$py" -m bench.rollouts --n 512 --max-new-tokens 256 --chunk 32 --gen-batch 64 256 \
     --repeats 1 --out "$out/rollouts.json" || echo "rollouts failed or timed out"; }
+# The whole ladder on the 270M at the study's scale (bench/ladder.py, ~8 min): full SFT, full-test evals with and
+# without the calculator, 512-rollout GRPO, the same evals, McNemar. Needs NANOGSM_DATA_DIR and the model: the
+# offline package, or LADDER_MODEL=path/to/gemma-3-270m.gguf (the GGUF joined from pieces of < 60 MiB on the machine)
+want ladder && { timeout 540 "$py" -m bench.ladder --model "${LADDER_MODEL:-gemma-3-270m}" --out "$out/ladder" \
+    || echo "ladder failed or timed out (its stages' output: $out/ladder/ladder.log)"; }
 profile() { timeout "$1" "$py" -m bench.profile_step --shape gemma-2b --seq 512 "${@:3}" --out "$out/profile-$2.json" \
     || echo "profile failed or timed out: $2"; }
 if want profile; then  # training's time by kind of kernel, the syncs inside one step; a batch-1 decode step

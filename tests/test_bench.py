@@ -135,13 +135,16 @@ def test_idle_gaps_finds_the_device_idle_stretches_between_kernels():
 
 
 def test_ladder_runs_every_stage_at_a_tiny_scale(tiny_with_tokenizer, tmp_path, data_dir):
-    """bench/ladder.py (the GPU ladder) on a tiny model: SFT, eval, GRPO, eval and the table."""
+    """bench/ladder.py (the GPU ladder) on a tiny model: SFT, eval with and without the calculator, GRPO,
+    the same two evals and the table with both paired comparisons."""
     env = dict(os.environ, NANOGSM_DATA_DIR=str(data_dir))
     result = subprocess.run([sys.executable, "-m", "bench.ladder", "--tiny", "--model", str(tiny_with_tokenizer),
                              "--out", str(tmp_path / "ladder")], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = (tmp_path / "ladder" / "table.md").read_text()
-    assert table.count("of 8 |") == 2 and "RL steps run: 2" in table and "McNemar" in table, table
-    for stage in ("SFT, 1 epoch", "SFT: eval", "GRPO from SFT", "GRPO: eval"):
+    assert table.count("of 8 |") == 4 and "RL steps run: 2" in table and table.count("McNemar") == 2, table
+    assert "calculator (A) vs GRPO + calculator (B)" in table
+    for stage in ("SFT, 1 epoch", "SFT: eval", "SFT + calculator: eval", "GRPO from SFT", "GRPO: eval",
+                  "GRPO + calculator: eval"):
         assert f"| {stage} |" in table
